@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both do the same
+# idempotent setup first (a .venv with pinned packages, the project installed
+# editable, the embedded corpus built once).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CORPUS := data/embedded/manifest.json
+ARGS   ?=
+
+.PHONY: setup run test corpus bench clean
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first and alone: pinned, so pip never picks a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+$(CORPUS): $(STAMP) fastmix/corpus.py fastmix/mathgen.py
+	$(PY) -m fastmix.corpus --out data/embedded
+
+corpus: $(CORPUS)
+
+setup: $(STAMP) $(CORPUS)
+
+run: setup
+	$(PY) run.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/throughput.py
+
+clean:
+	rm -rf outputs/runs outputs/sweep data/cache

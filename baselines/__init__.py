@@ -1,0 +1,1 @@
+"""Reimplemented mixture-search methods, one file each, behind fastmix.optimizer's protocol."""

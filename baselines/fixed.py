@@ -1,0 +1,19 @@
+"""A mixture given by hand (`optimizer=fixed optimizer.weights='{code: 0.5, ...}'`):
+to train and score a mixture found elsewhere or published in a paper."""
+from __future__ import annotations
+
+from fastmix.errors import UserError
+from fastmix.optimizer import SearchContext, SearchResult, validate_weights
+
+
+class Fixed:
+    name = "fixed"
+
+    def __init__(self, weights: dict[str, float] | None = None):
+        self.weights = dict(weights or {})
+
+    def search(self, ctx: SearchContext) -> SearchResult:
+        if not self.weights:
+            raise UserError("optimizer=fixed needs optimizer.weights, e.g. "
+                            f"optimizer.weights='{{{ctx.sources[0]}: 0.5, {ctx.sources[1]}: 0.5, ...}}'.")
+        return SearchResult(validate_weights(self.weights, ctx.sources, "optimizer.weights"))

@@ -1,0 +1,12 @@
+"""Natural mixture: w_k = source k's share of training tokens (RegMix's "prior",
+DoReMi's baseline). Counted with the suite's tokenizer on the train split."""
+from __future__ import annotations
+
+from fastmix.optimizer import SearchContext, SearchResult
+
+
+class Natural:
+    name = "natural"
+
+    def search(self, ctx: SearchContext) -> SearchResult:
+        return SearchResult(ctx.token_share(), info={"train_tokens": ctx.corpus.token_counts("train")})

@@ -1,0 +1,23 @@
+"""Config helpers shared by run.py, the tests and the benches."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO / "conf"
+
+
+def register_resolvers() -> None:
+    """`${repo:data/embedded}` -> an absolute path inside the checkout, whatever
+    the working directory (Hydra changes it per job)."""
+    if not OmegaConf.has_resolver("repo"):
+        OmegaConf.register_new_resolver("repo", lambda p="": str(REPO / p))
+
+
+def abspath(p) -> Path:
+    """A user path made absolute against the directory the command was run from
+    (not the job folder Hydra switched to)."""
+    from hydra.utils import to_absolute_path
+    return Path(to_absolute_path(str(Path(str(p)).expanduser())))

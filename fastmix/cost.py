@@ -1,0 +1,117 @@
+"""The one cost meter every method pays through.
+
+FLOP rule (write-down of DESIGN.md's): training a model on D tokens costs
+6*N*D, a forward-only pass (evaluation, scoring) 2*N*D, where N is every
+parameter except the input-embedding table (the LM head counts; see
+`fastmix.models.flop_params`). Attention's T^2 term is left out, as in the
+RegMix and Chinchilla accounting, so costs stay comparable with the papers.
+device_hours = wall_seconds * devices / 3600.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+@dataclass
+class Cost:
+    wall_seconds: float = 0.0
+    device: str = "cpu"
+    devices: int = 1
+    flops: float = 0.0
+    tokens: int = 0
+    proxy_runs: int = 0
+    peak_memory_bytes: int = 0
+
+    @property
+    def device_hours(self) -> float:
+        return self.wall_seconds * self.devices / 3600
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.wall_seconds + other.wall_seconds, self.device or other.device,
+                    max(self.devices, other.devices), self.flops + other.flops,
+                    self.tokens + other.tokens, self.proxy_runs + other.proxy_runs,
+                    max(self.peak_memory_bytes, other.peak_memory_bytes))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "device_hours": self.device_hours}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Cost":
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """GPU: peak allocated by torch on that device. CPU: the process's peak
+    resident set (ru_maxrss), which covers the whole process, not one stage."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+class CostMeter:
+    """Accumulates a `Cost` per stage (search, train, eval). Work is charged to
+    the stage that is open; wall time is the time the stage was open."""
+
+    def __init__(self, device: torch.device, devices: int = 1):
+        self.device = device
+        self.stages: dict[str, Cost] = {}
+        self._open: str | None = None
+        self._template = Cost(device=device_name(device), devices=devices)
+
+    @contextmanager
+    def stage(self, name: str):
+        if self._open is not None:
+            raise RuntimeError(f"stage '{name}' opened inside stage '{self._open}'")
+        self.stages.setdefault(name, Cost(device=self._template.device, devices=self._template.devices))
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._open, start = name, time.perf_counter()
+        try:
+            yield self.stages[name]
+        finally:
+            c = self.stages[name]
+            c.wall_seconds += time.perf_counter() - start
+            c.peak_memory_bytes = max(c.peak_memory_bytes, peak_memory_bytes(self.device))
+            self._open = None
+
+    def _current(self) -> Cost:
+        if self._open is None:
+            raise RuntimeError("cost charged outside a stage: open one with `with meter.stage(...)`")
+        return self.stages[self._open]
+
+    def add_train(self, n_params: int, tokens: int) -> None:
+        c = self._current()
+        c.flops += 6.0 * n_params * tokens
+        c.tokens += tokens
+
+    def add_forward(self, n_params: int, tokens: int) -> None:
+        c = self._current()
+        c.flops += 2.0 * n_params * tokens
+        c.tokens += tokens
+
+    def add_proxy_run(self, n: int = 1) -> None:
+        self._current().proxy_runs += n
+
+    def add(self, cost: Cost) -> None:
+        """Charge work done elsewhere (a resumed run's earlier part, a proxy run in
+        another process) to the open stage, wall time included."""
+        c = self._current()
+        merged = c + cost
+        for f in fields(Cost):
+            setattr(c, f.name, getattr(merged, f.name))
+
+    def to_dict(self) -> dict:
+        return {name: c.to_dict() for name, c in self.stages.items()}

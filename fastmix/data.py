@@ -1,0 +1,313 @@
+"""Sources -> tokenizer -> memory-mapped token arrays with train/val/test splits.
+
+A *source* is a named set of documents: a folder of .txt/.jsonl/.parquet
+files (`data=folder`, one subfolder per source), named files (`data=files`),
+or a Hugging Face dataset (`data=hf`). Every source is tokenized once into
+flat token arrays (documents joined by EOS) per split, cached under
+`data.cache_dir` by a hash of the file contents and of every setting that
+changes the tokens, so a second run reads the cache and does no work.
+
+Splits are by document: each document's place is decided by a hash of its
+text, so the split does not depend on file order and never leaks a document
+across splits.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from fastmix.config import abspath
+from fastmix.errors import UserError
+
+SPLITS = ("train", "val", "test")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+SPECIALS = {"pad_token": "<|pad|>", "bos_token": "<|bos|>", "eos_token": "<|eos|>"}
+
+
+# ---------------------------------------------------------------- sources ---
+@dataclass
+class SourceSpec:
+    name: str
+    files: list[Path] = field(default_factory=list)
+    hf: dict | None = None  # load_dataset kwargs, for Hugging Face sources
+    text_field: str = "text"
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self.name.encode())
+        for f in self.files:
+            h.update(str(f.name).encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        if self.hf is not None:
+            h.update(json.dumps(self.hf, sort_keys=True).encode())
+        h.update(self.text_field.encode())
+        return h.hexdigest()
+
+
+def _files_under(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+
+
+def discover_sources(data_cfg) -> dict[str, SourceSpec]:
+    """Source specs from a `data` config; errors name the path or source to fix."""
+    kind, text_field = data_cfg.kind, data_cfg.get("text_field", "text")
+    specs: dict[str, SourceSpec] = {}
+    if kind == "folder":
+        root = abspath(data_cfg.root) if data_cfg.get("root") else None
+        if root is None or not root.is_dir():
+            hint = ("build it with `make corpus`" if data_cfg.get("name") == "embedded"
+                    else "pass data.root=/path/to/dir holding one subfolder per source")
+            raise UserError(f"data.root {root} is not a directory: {hint}.")
+        for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            specs[sub.name] = SourceSpec(sub.name, _files_under(sub), text_field=text_field)
+        if not specs:
+            raise UserError(f"data.root {root} has no source subfolders: make one subfolder "
+                            f"per source holding {'/'.join(TEXT_SUFFIXES)} files.")
+    elif kind == "files":
+        for name, paths in (data_cfg.files or {}).items():
+            files = []
+            for p in ([paths] if isinstance(paths, str) else paths):
+                p = abspath(p)
+                if not p.exists():
+                    raise UserError(f"source '{name}': file {p} does not exist; fix data.files.{name}.")
+                files += _files_under(p)
+            specs[name] = SourceSpec(name, files, text_field=text_field)
+    elif kind == "hf":
+        for name, kwargs in (data_cfg.datasets or {}).items():
+            kwargs = dict(kwargs)
+            field_name = kwargs.pop("text_field", text_field)
+            specs[name] = SourceSpec(name, hf=kwargs, text_field=field_name)
+    else:
+        raise UserError(f"data.kind '{kind}' is unknown: use folder, files or hf.")
+
+    wanted = data_cfg.get("sources")
+    if wanted:
+        unknown = [s for s in wanted if s not in specs]
+        if unknown:
+            raise UserError(f"unknown source(s) {unknown} in data.sources; available: {sorted(specs)}.")
+        specs = {s: specs[s] for s in wanted}
+    for spec in specs.values():
+        if spec.hf is None and not spec.files:
+            raise UserError(f"source '{spec.name}' has no {'/'.join(TEXT_SUFFIXES)} files: "
+                            f"add documents or drop it from data.sources.")
+    if len(specs) < 2:
+        raise UserError(f"a mixture needs at least 2 sources, found {sorted(specs)}.")
+    return specs
+
+
+def iter_documents(spec: SourceSpec) -> Iterator[str]:
+    """Every non-empty document of a source, in a fixed order."""
+    if spec.hf is not None:
+        import datasets  # imported here: slow, and only needed for hub sources
+        try:
+            ds = datasets.load_dataset(**spec.hf)
+        except Exception as e:  # offline: a dataset not in the local cache fails here
+            raise UserError(f"source '{spec.name}': cannot load Hugging Face dataset {spec.hf} "
+                            f"offline ({type(e).__name__}: {e}). Download it once with network "
+                            f"(HF_DATASETS_OFFLINE=0) or point data at local files.") from e
+        for row in ds:
+            if row.get(spec.text_field, "").strip():
+                yield row[spec.text_field]
+        return
+    for f in spec.files:
+        if f.suffix == ".txt":
+            text = f.read_text(encoding="utf-8", errors="replace")
+            if text.strip():
+                yield text
+        elif f.suffix == ".jsonl":
+            with open(f, encoding="utf-8") as fh:
+                for i, line in enumerate(fh):
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)[spec.text_field]
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise UserError(f"{f}:{i + 1}: expected a JSON object with a "
+                                        f"'{spec.text_field}' field ({e}); fix the line or "
+                                        f"set data.text_field.") from e
+                    if text.strip():
+                        yield text
+        elif f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+            table = pq.read_table(f, columns=[spec.text_field])
+            for text in table.column(spec.text_field).to_pylist():
+                if text and text.strip():
+                    yield text
+
+
+def _doc_key(text: str) -> bytes:
+    return hashlib.sha1(text.encode("utf-8", "replace")).digest()
+
+
+def split_documents(docs: list[str], val: float, test: float, name: str) -> dict[str, list[str]]:
+    """Order documents by a hash of their text; the first ceil(n*val) go to val,
+    the next ceil(n*test) to test, the rest to train (at least one each)."""
+    if len(docs) < 3:
+        raise UserError(f"source '{name}' has {len(docs)} document(s); at least 3 are needed "
+                        f"(one each for train/val/test). Add documents or split its text into more.")
+    keyed = sorted(docs, key=lambda d: (_doc_key(d), d))
+    n_val = max(1, math.ceil(len(docs) * val))
+    n_test = max(1, math.ceil(len(docs) * test))
+    if n_val + n_test >= len(docs):
+        raise UserError(f"source '{name}': data.splits val={val} test={test} leave no training "
+                        f"documents out of {len(docs)}; lower them.")
+    return {"val": keyed[:n_val], "test": keyed[n_val:n_val + n_test], "train": keyed[n_val + n_test:]}
+
+
+def cap_documents(docs: Iterator[str], max_bytes: int | None) -> list[str]:
+    out, total = [], 0
+    for d in docs:
+        if max_bytes and total >= max_bytes:
+            break
+        out.append(d)
+        total += len(d.encode("utf-8", "replace"))
+    return out
+
+
+# -------------------------------------------------------------- tokenizer ---
+def train_bpe(docs_by_source: dict[str, list[str]], vocab_size: int, bytes_per_source: int):
+    """A byte-level BPE trained on an equal byte budget from every source, so no
+    source's spelling dominates the vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+
+    def sample():
+        for name in sorted(docs_by_source):
+            yield from cap_documents(iter(docs_by_source[name]), bytes_per_source)
+
+    tok.train_from_iterator(sample(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"data.tokenizer.path {path} does not exist: give a local Hugging Face "
+                        f"tokenizer directory, or use data.tokenizer.kind=bpe.")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.eos_token_id is None:
+        raise UserError(f"tokenizer at {path} has no EOS token; documents are joined by EOS.")
+    if tok.bos_token_id is None:
+        tok.bos_token = tok.eos_token  # lm-eval prepends BOS; EOS doubles as it (GPT-2 style)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# ------------------------------------------------------------------ corpus ---
+@dataclass
+class Corpus:
+    """Token arrays per source and split (np.memmap), plus the tokenizer."""
+    root: Path
+    tokenizer: object
+    tokens: dict[str, dict[str, np.ndarray]]  # source -> split -> flat token ids
+    doc_starts: dict[str, dict[str, np.ndarray]]  # source -> split -> offsets of documents
+    meta: dict
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self.tokens)
+
+    def token_counts(self, split: str = "train") -> dict[str, int]:
+        return {s: int(len(self.tokens[s][split])) for s in self.tokens}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+
+def _cache_key(specs: dict[str, SourceSpec], data_cfg) -> str:
+    tok = data_cfg.tokenizer
+    settings = {
+        "sources": {n: s.fingerprint() for n, s in specs.items()},
+        "tokenizer": {"kind": tok.kind, "vocab_size": tok.get("vocab_size"),
+                      "path": str(tok.get("path")), "bytes_per_source": tok.get("train_bytes_per_source")},
+        "splits": dict(data_cfg.splits), "max_bytes_per_source": data_cfg.get("max_bytes_per_source"),
+        "format": 1,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _open(root: Path, meta: dict, tokenizer) -> Corpus:
+    tokens, starts = {}, {}
+    for name, info in meta["sources"].items():
+        tokens[name], starts[name] = {}, {}
+        for split in SPLITS:
+            n = info[split]["tokens"]
+            tokens[name][split] = np.memmap(root / f"{name}.{split}.bin", dtype=meta["dtype"], mode="r", shape=(n,))
+            starts[name][split] = np.load(root / f"{name}.{split}.docs.npy")
+    return Corpus(root, tokenizer, tokens, starts, meta)
+
+
+def prepare_corpus(data_cfg) -> Corpus:
+    """Tokenize every source once (or reuse the cache) and open the token arrays."""
+    specs = discover_sources(data_cfg)
+    cache_dir = abspath(data_cfg.cache_dir)
+    root = cache_dir / _cache_key(specs, data_cfg)
+    if (root / "meta.json").exists():
+        meta = json.loads((root / "meta.json").read_text())
+        from transformers import PreTrainedTokenizerFast
+        return _open(root, meta, PreTrainedTokenizerFast.from_pretrained(str(root / "tokenizer")))
+
+    docs = {n: cap_documents(iter_documents(s), data_cfg.get("max_bytes_per_source")) for n, s in specs.items()}
+    for n, d in docs.items():
+        if not d:
+            raise UserError(f"source '{n}' is empty: no non-empty documents in "
+                            f"{[str(f) for f in specs[n].files] or specs[n].hf}. Add text or drop it "
+                            f"from data.sources.")
+    splits = {n: split_documents(d, data_cfg.splits.val, data_cfg.splits.test, n) for n, d in docs.items()}
+    tk = data_cfg.tokenizer
+    if tk.kind == "bpe":
+        tokenizer = train_bpe({n: s["train"] for n, s in splits.items()}, tk.vocab_size, tk.train_bytes_per_source)
+    elif tk.kind == "pretrained":
+        tokenizer = load_tokenizer(abspath(tk.path))
+    else:
+        raise UserError(f"data.tokenizer.kind '{tk.kind}' is unknown: use bpe or pretrained.")
+    dtype = "uint16" if len(tokenizer) <= 2**16 else "uint32"
+    eos = tokenizer.eos_token_id
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
+    try:
+        meta = {"dtype": dtype, "vocab_size": len(tokenizer), "sources": {}}
+        for name, parts in splits.items():
+            meta["sources"][name] = {}
+            for split in SPLITS:
+                ids = tokenizer(parts[split], add_special_tokens=False)["input_ids"]
+                lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)  # +1: the EOS
+                flat = np.concatenate([np.asarray(x + [eos], dtype=dtype) for x in ids] or [np.zeros(0, dtype)])
+                if split == "train" and len(flat) == 0:
+                    raise UserError(f"source '{name}' has no tokens; add text to it.")
+                flat.tofile(tmp / f"{name}.{split}.bin")
+                np.save(tmp / f"{name}.{split}.docs.npy", np.concatenate([[0], np.cumsum(lengths)[:-1]]))
+                meta["sources"][name][split] = {"documents": len(ids), "tokens": int(len(flat))}
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.replace(tmp, root)  # atomic: a concurrent job may have built the same key first
+        except OSError:
+            if not (root / "meta.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return prepare_corpus(data_cfg)

@@ -1,0 +1,240 @@
+"""The one training loop: proxies, DoReMi, FastMix and target models all train here.
+
+Read top to bottom: draw a micro-batch from the sampler, weighted token
+cross-entropy, backward, (every `grad_accum` micro-batches) clip + AdamW +
+schedule, and every `hook_every` micro-batches call the method's hook (FastMix's
+outer step, DoReMi's weight update). Checkpoints hold everything that decides
+the next batch and update (model, optimizer, schedule, sampler RNG, hook
+state, cost so far), so a killed run resumes and ends with the same numbers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fastmix.cost import Cost, CostMeter
+from fastmix.models import flop_params
+from fastmix.sampling import Batch, MixtureSampler
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def set_threads(threads: int | None) -> int:
+    """One process's torch thread count. Oversubscribed threads make CPU training
+    many times slower, so sweeps set this to cores / parallel jobs."""
+    n = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    return n
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on GPUs; fp32 on CPU (CPU bf16 matmuls are slower here)."""
+    if torch.device(device).type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@dataclass
+class StepInfo:
+    """What a hook sees after a micro-batch."""
+    step: int  # optimizer steps done
+    micro_step: int  # micro-batches done
+    batch: Batch
+    token_loss: torch.Tensor  # [B, T] detached per-token cross-entropy
+    source_loss: dict[str, float]  # mean loss per source in this micro-batch
+
+
+class Hook(Protocol):
+    def __call__(self, trainer: "Trainer", info: StepInfo) -> None: ...
+
+
+def token_losses(model, batch: Batch, device, precision: str) -> torch.Tensor:
+    """[B, T] next-token cross-entropy, fp32 (logits are not upcast: cross_entropy
+    accumulates in fp32 under autocast)."""
+    ids = batch.input_ids.to(device, non_blocking=True)
+    with autocast(device, precision):
+        logits = model(input_ids=ids[:, :-1]).logits
+    B, T, V = logits.shape
+    return F.cross_entropy(logits.reshape(B * T, V).float(), ids[:, 1:].reshape(-1),
+                           reduction="none").view(B, T)
+
+
+def weighted_loss(tok_loss: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """sum(w_src * mask * token_loss) / sum(w_src * mask) over the micro-batch
+    (FastMix Eq. 3's weighted objective; with w = 1 it is the plain mean)."""
+    w = batch.weight.to(tok_loss.device)[:, None].expand_as(tok_loss)
+    if batch.loss_mask is not None:
+        w = w * batch.loss_mask.to(tok_loss.device)
+    return (w * tok_loss).sum() / w.sum().clamp_min(1e-12)
+
+
+def source_means(tok_loss: torch.Tensor, batch: Batch, names: list[str]) -> dict[str, float]:
+    per_row = tok_loss.detach().mean(1).cpu()
+    return {n: float(per_row[batch.source == k].mean()) for k, n in enumerate(names)
+            if (batch.source == k).any()}
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    raise ValueError(f"unknown schedule '{schedule}': use constant or cosine")
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Trains `model` for `cfg.tokens` tokens (rounded up to whole optimizer steps).
+
+    cfg keys: tokens, batch_size, grad_accum, lr, warmup_steps, schedule,
+    min_lr_ratio, weight_decay, betas, grad_clip, log_every, ckpt_every, precision.
+    """
+
+    def __init__(self, model, sampler: MixtureSampler, cfg, device: torch.device, meter: CostMeter,
+                 out_dir: Path, hook: Hook | None = None, hook_every: int = 1, desc: str = "train",
+                 progress: bool = True):
+        self.model, self.sampler, self.cfg = model.to(device), sampler, cfg
+        self.device, self.meter, self.out_dir = device, meter, Path(out_dir)
+        self.hook, self.hook_every, self.desc, self.progress = hook, hook_every, desc, progress
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * sampler.context
+        self.total_steps = max(1, math.ceil(cfg.tokens / self.tokens_per_step))
+        self.n_params = flop_params(model)
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+            foreach=True)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
+            s, self.total_steps, cfg.warmup_steps, cfg.schedule, cfg.get("min_lr_ratio", 0.1)))
+        self.step = self.micro_step = 0
+        self.cost = Cost()  # this run's own work, kept across resumes
+        self.ckpt_path = self.out_dir / "checkpoint.pt"
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+
+    # ----------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
+                "step": self.step, "micro_step": self.micro_step, "cost": self.cost.to_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "hook": self.hook.state_dict() if hasattr(self.hook, "state_dict") else None}
+
+    def save_checkpoint(self) -> None:
+        _atomic_save(self.state_dict(), self.ckpt_path)
+
+    def _resume(self) -> None:
+        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.micro_step = state["step"], state["micro_step"]
+        torch.set_rng_state(state["torch_rng"])
+        if state["hook"] is not None:
+            self.hook.load_state_dict(state["hook"])
+        # The killed part's work was paid for: charge it to this stage too.
+        self.cost = Cost.from_dict(state["cost"])
+        self.meter.add(self.cost)
+        # Forget metrics written after the checkpoint: they are about to be redone.
+        if self.metrics_path.exists():
+            rows = [r for r in self.metrics_path.read_text().splitlines() if r.strip()]
+            kept = [r for r in rows if json.loads(r)["step"] <= self.step]
+            tmp = self.metrics_path.with_suffix(".tmp")
+            tmp.write_text("".join(r + "\n" for r in kept))
+            os.replace(tmp, self.metrics_path)
+
+    # ------------------------------------------------------------------ loop
+    def train(self, stop_after: int | None = None) -> dict:
+        """Run to the end (or `stop_after` optimizer steps, for tests of resuming);
+        returns the last logged metrics."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.ckpt_path.exists():
+            self._resume()
+        self.model.train()
+        accum, last = self.cfg.grad_accum, {}
+        names = self.sampler.names
+        t0 = time.perf_counter()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, disable=not self.progress,
+                   leave=False)
+        with open(self.metrics_path, "a") as log:
+            while self.step < self.total_steps:
+                loss_sum, src_losses = 0.0, {}
+                for _ in range(accum):
+                    batch = self.sampler.next_batch()
+                    tok_loss = token_losses(self.model, batch, self.device, self.cfg.precision)
+                    loss = weighted_loss(tok_loss, batch)
+                    (loss / accum).backward()
+                    loss_sum += float(loss.detach()) / accum
+                    self.micro_step += 1
+                    src = source_means(tok_loss, batch, names)
+                    for n, v in src.items():
+                        src_losses.setdefault(n, []).append(v)
+                    if self.hook is not None and self.micro_step % self.hook_every == 0:
+                        self.hook(self, StepInfo(self.step, self.micro_step, batch, tok_loss.detach(), src))
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                self.step += 1
+                self.meter.add_train(self.n_params, self.tokens_per_step)
+                self.cost.flops += 6.0 * self.n_params * self.tokens_per_step
+                self.cost.tokens += self.tokens_per_step
+                bar.update(1)
+                if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                    last = {"step": self.step, "tokens": self.step * self.tokens_per_step,
+                            "loss": loss_sum, "grad_norm": float(grad_norm),
+                            "lr": self.scheduler.get_last_lr()[0],
+                            "source_loss": {n: sum(v) / len(v) for n, v in src_losses.items()}}
+                    log.write(json.dumps(last) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{loss_sum:.3f}")
+                if self.step % self.cfg.ckpt_every == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    self.cost.wall_seconds += now - t0
+                    t0 = now
+                    self.save_checkpoint()
+                if stop_after is not None and self.step >= stop_after:
+                    break
+        bar.close()
+        return last
+
+
+@torch.no_grad()
+def evaluate_loss(model, windows: torch.Tensor, device, meter: CostMeter | None, batch_size: int = 16,
+                  precision: str = "bf16") -> float:
+    """Mean next-token loss over fixed held-out windows (forward only)."""
+    if len(windows) == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        rows = windows[i:i + batch_size]
+        dummy = torch.zeros(len(rows))
+        tl = token_losses(model, Batch(rows, dummy.long(), dummy), device, precision)
+        total += float(tl.sum())
+        count += tl.numel()
+    if meter is not None:
+        meter.add_forward(flop_params(model), count)
+    model.train(was_training)
+    return total / count

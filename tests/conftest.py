@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny real-text corpus cut from the embedded corpus (which
+`make test` builds first), and helpers to run the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastmix.config import REPO, register_resolvers
+
+register_resolvers()
+EMBEDDED = REPO / "data" / "embedded"
+
+
+def cut_corpus(dst: Path, sources: list[str] | None = None, docs: int = 40, max_bytes: int = 40_000) -> Path:
+    """A few whole documents of each embedded source, as one .jsonl per source."""
+    if not (EMBEDDED / "manifest.json").exists():
+        pytest.fail("the embedded corpus is missing: run `make corpus` (make test does it first)")
+    for src in sorted(p for p in EMBEDDED.iterdir() if p.is_dir()):
+        if sources and src.name not in sources:
+            continue
+        out, size = [], 0
+        with open(src / "docs.jsonl") as fh:
+            for line in fh:
+                text = json.loads(line)["text"][:4000]
+                out.append(json.dumps({"text": text}))
+                size += len(text)
+                if len(out) >= docs or size >= max_bytes:
+                    break
+        (dst / src.name).mkdir(parents=True, exist_ok=True)
+        (dst / src.name / "docs.jsonl").write_text("\n".join(out) + "\n")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    return cut_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python run.py ARGS` in `cwd` (so outputs/ lands in a temp dir)."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def smoke_args(tiny_corpus, cache_dir) -> list[str]:
+    return ["experiment=smoke", "data=folder", f"data.root={tiny_corpus}", f"data.cache_dir={cache_dir}"]
+
+
+def compose(overrides: list[str]):
+    """The job config as run.py would see it (without Hydra's runtime keys)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)

@@ -1,0 +1,34 @@
+"""Every config option composes, alone and under each experiment."""
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from fastmix.config import CONF_DIR
+from conftest import compose
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF_DIR / g).glob("*.yaml"))]
+REQUIRED = {("data", "folder"): ["data.root=/x"], ("data", "files"): ["data.files={a: /x}"]}
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes(group, option):
+    cfg = compose([f"{group}={option}", *REQUIRED.get((group, option), [])])
+    # Resolving every interpolation catches typos in ${...} references.
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def test_groups_have_the_design_axes():
+    assert {"data", "objective", "proxy", "optimizer", "train", "eval", "experiment"} <= set(GROUPS)
+
+
+def test_every_optimizer_names_itself_and_a_target():
+    for f in (CONF_DIR / "optimizer").glob("*.yaml"):
+        cfg = OmegaConf.load(f)
+        assert cfg.name == f.stem and cfg._target_.split(".")[0] in {"fastmix", "baselines"}, f
+
+
+def test_default_data_is_the_embedded_corpus():
+    cfg = compose([])
+    assert cfg.data.name == "embedded" and Path(cfg.data.root).is_absolute()
