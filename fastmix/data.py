@@ -14,6 +14,7 @@ across splits.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple, Union
 
 import numpy as np
 
@@ -107,8 +108,28 @@ def discover_sources(data_cfg) -> dict[str, SourceSpec]:
     return specs
 
 
-def iter_documents(spec: SourceSpec) -> Iterator[str]:
-    """Every non-empty document of a source, in a fixed order."""
+class Pair(NamedTuple):
+    """A post-training document: the loss counts the answer's tokens only."""
+    prompt: str
+    answer: str
+
+
+Document = Union[str, Pair]
+
+
+def _doc_from_row(row: dict, text_field: str, where: str) -> Document | None:
+    if isinstance(row, dict) and "prompt" in row and "answer" in row:
+        return Pair(str(row["prompt"]), str(row["answer"])) if str(row["answer"]).strip() else None
+    if not isinstance(row, dict) or text_field not in row:
+        raise UserError(f"{where}: expected a JSON object with a '{text_field}' field (or 'prompt' "
+                        f"and 'answer' fields for post-training pairs); fix it or set data.text_field.")
+    text = row[text_field]
+    return text if text and text.strip() else None
+
+
+def iter_documents(spec: SourceSpec) -> Iterator[Document]:
+    """Every non-empty document of a source, in a fixed order: text, or a
+    prompt/answer `Pair` for rows that have `prompt` and `answer` fields."""
     if spec.hf is not None:
         import datasets  # imported here: slow, and only needed for hub sources
         try:
@@ -117,9 +138,10 @@ def iter_documents(spec: SourceSpec) -> Iterator[str]:
             raise UserError(f"source '{spec.name}': cannot load Hugging Face dataset {spec.hf} "
                             f"offline ({type(e).__name__}: {e}). Download it once with network "
                             f"(HF_DATASETS_OFFLINE=0) or point data at local files.") from e
-        for row in ds:
-            if row.get(spec.text_field, "").strip():
-                yield row[spec.text_field]
+        for i, row in enumerate(ds):
+            doc = _doc_from_row(row, spec.text_field, f"source '{spec.name}' row {i}")
+            if doc is not None:
+                yield doc
         return
     for f in spec.files:
         if f.suffix == ".txt":
@@ -132,32 +154,37 @@ def iter_documents(spec: SourceSpec) -> Iterator[str]:
                     if not line.strip():
                         continue
                     try:
-                        text = json.loads(line)[spec.text_field]
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise UserError(f"{f}:{i + 1}: expected a JSON object with a "
-                                        f"'{spec.text_field}' field ({e}); fix the line or "
-                                        f"set data.text_field.") from e
-                    if text.strip():
-                        yield text
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{f}:{i + 1}: not valid JSON ({e}); fix the line.") from e
+                    doc = _doc_from_row(row, spec.text_field, f"{f}:{i + 1}")
+                    if doc is not None:
+                        yield doc
         elif f.suffix == ".parquet":
             import pyarrow.parquet as pq
-            table = pq.read_table(f, columns=[spec.text_field])
-            for text in table.column(spec.text_field).to_pylist():
-                if text and text.strip():
-                    yield text
+            table = pq.read_table(f)
+            for i, row in enumerate(table.to_pylist()):
+                doc = _doc_from_row(row, spec.text_field, f"{f} row {i}")
+                if doc is not None:
+                    yield doc
 
 
-def _doc_key(text: str) -> bytes:
-    return hashlib.sha1(text.encode("utf-8", "replace")).digest()
+def _doc_text(doc: Document) -> str:
+    return doc if isinstance(doc, str) else doc.prompt + doc.answer
 
 
-def split_documents(docs: list[str], val: float, test: float, name: str) -> dict[str, list[str]]:
+def _doc_key(doc: Document) -> tuple:
+    text = doc if isinstance(doc, str) else doc.prompt + "\x00" + doc.answer
+    return hashlib.sha1(text.encode("utf-8", "replace")).digest(), text
+
+
+def split_documents(docs: list[Document], val: float, test: float, name: str) -> dict[str, list[Document]]:
     """Order documents by a hash of their text; the first ceil(n*val) go to val,
     the next ceil(n*test) to test, the rest to train (at least one each)."""
     if len(docs) < 3:
         raise UserError(f"source '{name}' has {len(docs)} document(s); at least 3 are needed "
                         f"(one each for train/val/test). Add documents or split its text into more.")
-    keyed = sorted(docs, key=lambda d: (_doc_key(d), d))
+    keyed = sorted(docs, key=_doc_key)
     n_val = max(1, math.ceil(len(docs) * val))
     n_test = max(1, math.ceil(len(docs) * test))
     if n_val + n_test >= len(docs):
@@ -166,13 +193,13 @@ def split_documents(docs: list[str], val: float, test: float, name: str) -> dict
     return {"val": keyed[:n_val], "test": keyed[n_val:n_val + n_test], "train": keyed[n_val + n_test:]}
 
 
-def cap_documents(docs: Iterator[str], max_bytes: int | None) -> list[str]:
+def cap_documents(docs: Iterator[Document], max_bytes: int | None) -> list[Document]:
     out, total = [], 0
     for d in docs:
         if max_bytes and total >= max_bytes:
             break
         out.append(d)
-        total += len(d.encode("utf-8", "replace"))
+        total += len(_doc_text(d).encode("utf-8", "replace"))
     return out
 
 
@@ -192,7 +219,7 @@ def train_bpe(docs_by_source: dict[str, list[str]], vocab_size: int, bytes_per_s
 
     def sample():
         for name in sorted(docs_by_source):
-            yield from cap_documents(iter(docs_by_source[name]), bytes_per_source)
+            yield from map(_doc_text, cap_documents(iter(docs_by_source[name]), bytes_per_source))
 
     tok.train_from_iterator(sample(), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
@@ -223,6 +250,7 @@ class Corpus:
     tokens: dict[str, dict[str, np.ndarray]]  # source -> split -> flat token ids
     doc_starts: dict[str, dict[str, np.ndarray]]  # source -> split -> offsets of documents
     meta: dict
+    masks: dict[str, dict[str, np.ndarray | None]] = field(default_factory=dict)  # loss masks of pair sources
 
     @property
     def sources(self) -> list[str]:
@@ -235,6 +263,55 @@ class Corpus:
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
+    def mask(self, source: str, split: str) -> np.ndarray | None:
+        return self.masks.get(source, {}).get(split)
+
+    def pairs(self, source: str, split: str) -> list[Pair]:
+        """A post-training source's prompt/answer pairs, split at the loss mask."""
+        mask = self.mask(source, split)
+        if mask is None:
+            return []
+        arr, starts = self.tokens[source][split], self.doc_starts[source][split]
+        out = []
+        for a, b in zip(starts, list(starts[1:]) + [len(arr)]):
+            m = np.asarray(mask[a:b])
+            cut = a + int(np.argmax(m > 0))  # first answer token
+            out.append(Pair(self.tokenizer.decode(arr[a:cut].tolist()), self.tokenizer.decode(arr[cut:b - 1].tolist())))
+        return out
+
+    def documents(self, source: str, split: str) -> list[str]:
+        """The split's documents as text (decoded from the cached tokens; the
+        byte-level BPE round-trips exactly)."""
+        arr, starts = self.tokens[source][split], self.doc_starts[source][split]
+        ends = list(starts[1:]) + [len(arr)]
+        return [self.tokenizer.decode(arr[a:b - 1].tolist()) for a, b in zip(starts, ends)]  # b-1: drop EOS
+
+
+def tokenize_documents(tokenizer, docs: list[Document], dtype: str):
+    """Flat token ids (each document + EOS), a loss mask (None when every document
+    is plain text; for pairs 0 on prompt tokens, 1 on answer tokens and EOS) and
+    the document lengths. A pair's prompt and answer are tokenized separately
+    and concatenated, so the boundary is exact."""
+    eos = tokenizer.eos_token_id
+    texts = [d if isinstance(d, str) else d.prompt for d in docs]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if docs else []
+    answers = [d.answer for d in docs if isinstance(d, Pair)]
+    ans_ids = iter(tokenizer(answers, add_special_tokens=False)["input_ids"] if answers else [])
+    rows, masks = [], []
+    for d, x in zip(docs, ids):
+        if isinstance(d, Pair):
+            a = next(ans_ids)
+            rows.append(x + a + [eos])
+            masks.append([0] * len(x) + [1] * (len(a) + 1))
+        else:
+            rows.append(x + [eos])
+            masks.append([1] * (len(x) + 1))
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    total = int(lengths.sum())
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=total)
+    mask = np.fromiter(itertools.chain.from_iterable(masks), dtype=np.uint8, count=total) if answers else None
+    return flat, mask, lengths
+
 
 def _cache_key(specs: dict[str, SourceSpec], data_cfg) -> str:
     tok = data_cfg.tokenizer
@@ -243,20 +320,24 @@ def _cache_key(specs: dict[str, SourceSpec], data_cfg) -> str:
         "tokenizer": {"kind": tok.kind, "vocab_size": tok.get("vocab_size"),
                       "path": str(tok.get("path")), "bytes_per_source": tok.get("train_bytes_per_source")},
         "splits": dict(data_cfg.splits), "max_bytes_per_source": data_cfg.get("max_bytes_per_source"),
-        "format": 1,
+        "format": 2,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _open(root: Path, meta: dict, tokenizer) -> Corpus:
-    tokens, starts = {}, {}
+    tokens, starts, masks = {}, {}, {}
     for name, info in meta["sources"].items():
-        tokens[name], starts[name] = {}, {}
+        tokens[name], starts[name], masks[name] = {}, {}, {}
         for split in SPLITS:
             n = info[split]["tokens"]
-            tokens[name][split] = np.memmap(root / f"{name}.{split}.bin", dtype=meta["dtype"], mode="r", shape=(n,))
+            # np.memmap refuses empty files; an empty split stays an empty array.
+            tokens[name][split] = (np.memmap(root / f"{name}.{split}.bin", dtype=meta["dtype"], mode="r", shape=(n,))
+                                   if n else np.zeros(0, dtype=meta["dtype"]))
             starts[name][split] = np.load(root / f"{name}.{split}.docs.npy")
-    return Corpus(root, tokenizer, tokens, starts, meta)
+            masks[name][split] = (np.memmap(root / f"{name}.{split}.mask.bin", dtype=np.uint8, mode="r", shape=(n,))
+                                  if info[split].get("masked") and n else None)
+    return Corpus(root, tokenizer, tokens, starts, meta, masks)
 
 
 def prepare_corpus(data_cfg) -> Corpus:
@@ -293,14 +374,15 @@ def prepare_corpus(data_cfg) -> Corpus:
         for name, parts in splits.items():
             meta["sources"][name] = {}
             for split in SPLITS:
-                ids = tokenizer(parts[split], add_special_tokens=False)["input_ids"]
-                lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)  # +1: the EOS
-                flat = np.concatenate([np.asarray(x + [eos], dtype=dtype) for x in ids] or [np.zeros(0, dtype)])
+                flat, mask, lengths = tokenize_documents(tokenizer, parts[split], dtype)
                 if split == "train" and len(flat) == 0:
                     raise UserError(f"source '{name}' has no tokens; add text to it.")
                 flat.tofile(tmp / f"{name}.{split}.bin")
+                if mask is not None:
+                    mask.tofile(tmp / f"{name}.{split}.mask.bin")
                 np.save(tmp / f"{name}.{split}.docs.npy", np.concatenate([[0], np.cumsum(lengths)[:-1]]))
-                meta["sources"][name][split] = {"documents": len(ids), "tokens": int(len(flat))}
+                meta["sources"][name][split] = {"documents": len(lengths), "tokens": int(len(flat)),
+                                                 "masked": mask is not None}
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:

@@ -1,55 +1,189 @@
-"""What a mixture is searched for.
+"""What a mixture is searched for: a loss on held-out rows, in weighted groups.
 
-`ValidationObjective`: the loss on one or more sources' validation splits,
-combined with weights (`objective.weights`, source -> weight; unset = every
-source equally). This is RegMix's and FastMix's pre-training objective
-(Pile-CC validation loss = weight 1 on one source).
+* `ValidationObjective`: the validation splits of one or more sources, with
+  weights (`objective.weights`, source -> weight; unset = every source
+  equally). RegMix's and FastMix's pre-training objective is the Pile-CC
+  validation loss, i.e. weights={pile_cc: 1}.
+* `TextFileObjective`: an external text file (or folder of .txt/.jsonl), cut
+  into windows with the corpus tokenizer.
+* `QAObjective`: prompt/answer pairs scored on the answer tokens only
+  (FastMix's SFT-target variant, public code `calculate_ntp_loss3`): from a
+  JSONL file of {"prompt", "answer"} rows, or from the validation split of a
+  post-training source.
+
+Every objective has `loss(model)` (the number a method minimises, used for
+result.json's objective_loss), `sample_batch(...)` (a random batch, for
+FastMix's outer step) and `describe()`.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from fastmix.data import Corpus
+from fastmix.config import abspath
+from fastmix.data import Corpus, Pair, SourceSpec, _files_under, iter_documents, tokenize_documents
 from fastmix.errors import UserError
 from fastmix.optimizer import validate_weights
-from fastmix.sampling import eval_windows
-from fastmix.train import evaluate_loss
+from fastmix.sampling import Batch, eval_windows
+from fastmix.train import masked_mean, token_losses
 
 
-class ValidationObjective:
-    def __init__(self, corpus: Corpus, name: str = "val",
-                 weights: dict[str, float] | None = None, max_tokens_per_source: int = 16384,
-                 batch_size: int = 16):
+def _windows_with_mask(tokens: np.ndarray, mask: np.ndarray | None, context: int, max_tokens: int):
+    ids = eval_windows(tokens, context, max_tokens)
+    if mask is None:
+        return ids, None
+    m = eval_windows(mask, context, max_tokens)[:, 1:].float()  # mask of the targets
+    return ids, m
+
+
+class Objective:
+    """Rows grouped by name, each group with a weight; loss = sum_g w_g * mean loss of g."""
+
+    name = "objective"
+    weights: dict[str, float]
+
+    def __init__(self, corpus: Corpus, batch_size: int = 16):
+        self.corpus, self.batch_size = corpus, batch_size
+        self._rows: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = {}
+
+    def build_rows(self, context: int) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """group -> (input_ids [N, context+1], loss mask [N, context] or None)."""
+        raise NotImplementedError
+
+    def rows(self, context: int):
+        if context not in self._rows:
+            rows = self.build_rows(context)
+            for g, (ids, _) in rows.items():
+                if len(ids) == 0:
+                    raise UserError(f"objective '{self.name}': '{g}' gives no rows of {context + 1} tokens; "
+                                    f"add held-out text or lower the context.")
+            self._rows[context] = rows
+        return self._rows[context]
+
+    @torch.no_grad()
+    def loss(self, model, device, meter=None, precision: str = "bf16") -> float:
+        from fastmix.models import flop_params
+        was_training = model.training
+        model.eval()
+        total = 0.0
+        for g, (ids, mask) in self.rows(model.config.max_position_embeddings).items():
+            num = den = 0.0
+            for i in range(0, len(ids), self.batch_size):
+                b = Batch(ids[i:i + self.batch_size], torch.zeros(0), torch.ones(0),
+                          None if mask is None else mask[i:i + self.batch_size])
+                tl = token_losses(model, b, device, precision)
+                m = torch.ones_like(tl) if b.loss_mask is None else b.loss_mask.to(tl.device)
+                num += float((tl * m).sum())
+                den += float(m.sum())
+                if meter is not None:
+                    meter.add_forward(flop_params(model), tl.numel())
+            total += self.weights[g] * num / max(den, 1.0)
+        model.train(was_training)
+        return total
+
+    def sample_batch(self, rng: np.random.Generator, batch_size: int, context: int) -> Batch:
+        """Random rows, each row's group drawn by the weights (FastMix's outer-step batch)."""
+        rows = self.rows(context)
+        names = [g for g in rows if self.weights[g] > 0]
+        p = np.array([self.weights[g] for g in names])
+        groups = rng.choice(len(names), size=batch_size, p=p / p.sum())
+        picks = [(names[k], int(rng.integers(len(rows[names[k]][0])))) for k in groups]
+        ids = torch.stack([rows[g][0][i] for g, i in picks])
+        masks = [rows[g][1] for g, _ in picks]
+        mask = None
+        if any(m is not None for m in masks):
+            mask = torch.stack([rows[g][1][i] if rows[g][1] is not None else torch.ones(context)
+                                for g, i in picks])
+        return Batch(ids, torch.from_numpy(groups), torch.ones(batch_size), mask)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "weights": self.weights}
+
+
+class ValidationObjective(Objective):
+    def __init__(self, corpus: Corpus, name: str = "val", weights: dict[str, float] | None = None,
+                 max_tokens_per_source: int = 16384, batch_size: int = 16):
+        super().__init__(corpus, batch_size)
+        self.name, self.max_tokens = name, max_tokens_per_source
         if weights:
             unknown = sorted(set(weights) - set(corpus.sources))
             if unknown:
                 raise UserError(f"objective.weights names unknown source(s) {unknown}; "
                                 f"available: {corpus.sources}.")
-            total = sum(float(v) for v in weights.values())
-            full = {s: float(weights.get(s, 0.0)) / (total or 1.0) for s in corpus.sources}
-            self.weights = validate_weights(full, corpus.sources, "objective.weights")
+            full = {s: float(weights.get(s, 0.0)) for s in corpus.sources}
+            total = sum(full.values())
+            if not total > 0:
+                raise UserError(f"objective.weights {dict(weights)} must have a positive sum.")
+            self.weights = validate_weights({s: v / total for s, v in full.items()}, corpus.sources,
+                                            "objective.weights")
         else:
             self.weights = {s: 1.0 / len(corpus.sources) for s in corpus.sources}
-        self.corpus, self.name, self.batch_size = corpus, name, batch_size
-        self.max_tokens = max_tokens_per_source
-        self._windows: dict[int, dict[str, torch.Tensor]] = {}  # per context length
 
-    def windows(self, context: int) -> dict[str, torch.Tensor]:
-        """Fixed validation windows of each weighted source, built once per context."""
-        if context not in self._windows:
-            wins = {s: eval_windows(self.corpus.tokens[s]["val"], context, self.max_tokens)
-                    for s, w in self.weights.items() if w > 0}
-            for s, win in wins.items():
-                if len(win) == 0:
-                    raise UserError(f"objective: source '{s}' has too few validation tokens for one "
-                                    f"window of {context + 1}; lower the context or add documents.")
-            self._windows[context] = wins
-        return self._windows[context]
+    def build_rows(self, context):
+        return {s: _windows_with_mask(self.corpus.tokens[s]["val"], self.corpus.mask(s, "val"), context,
+                                      self.max_tokens)
+                for s, w in self.weights.items() if w > 0}
 
-    def loss(self, model, device, meter=None, precision: str = "bf16") -> float:
-        wins = self.windows(model.config.max_position_embeddings)
-        return sum(self.weights[s] * evaluate_loss(model, win, device, meter, self.batch_size, precision)
-                   for s, win in wins.items())
+
+class TextFileObjective(Objective):
+    def __init__(self, corpus: Corpus, path: str, name: str = "text", max_tokens: int = 65536,
+                 batch_size: int = 16):
+        super().__init__(corpus, batch_size)
+        p = abspath(path)
+        if not p.exists():
+            raise UserError(f"objective.path {p} does not exist: give a .txt/.jsonl file or a folder of them.")
+        docs = list(iter_documents(SourceSpec(name, _files_under(p))))
+        if not docs:
+            raise UserError(f"objective.path {p} holds no text.")
+        dtype = "uint32"
+        self.tokens, self.mask, _ = tokenize_documents(corpus.tokenizer, docs, dtype)
+        self.name, self.max_tokens, self.path = name, max_tokens, str(p)
+        self.weights = {name: 1.0}
+
+    def build_rows(self, context):
+        return {self.name: _windows_with_mask(self.tokens, self.mask, context, self.max_tokens)}
 
     def describe(self) -> dict:
-        return {"name": self.name, "weights": self.weights}
+        return {**super().describe(), "path": self.path}
+
+
+class QAObjective(Objective):
+    """Answer-only loss on prompt/answer pairs, one pair per row (left-truncated
+    to the context, right-padded; padding and prompt tokens do not count)."""
+
+    def __init__(self, corpus: Corpus, path: str | None = None, source: str | None = None, name: str = "qa",
+                 max_pairs: int = 512, batch_size: int = 16):
+        super().__init__(corpus, batch_size)
+        if (path is None) == (source is None):
+            raise UserError("objective=qa needs exactly one of objective.path (a JSONL of "
+                            "{prompt, answer} rows) or objective.source (a post-training source).")
+        if path is not None:
+            p = abspath(path)
+            if not p.exists():
+                raise UserError(f"objective.path {p} does not exist.")
+            pairs = [d for d in iter_documents(SourceSpec(name, _files_under(p))) if isinstance(d, Pair)]
+            where = str(p)
+        else:
+            if source not in corpus.sources:
+                raise UserError(f"objective.source '{source}' is not a source; available: {corpus.sources}.")
+            pairs = corpus.pairs(source, "val")
+            where = f"source '{source}' (val split)"
+        if not pairs:
+            raise UserError(f"objective: no prompt/answer pairs in {where}: rows need 'prompt' and 'answer'.")
+        self.pairs, self.name, self.where = pairs[:max_pairs], name, where
+        self.weights = {name: 1.0}
+
+    def build_rows(self, context):
+        tok = self.corpus.tokenizer
+        ids_list, masks = [], []
+        for pair in self.pairs:
+            flat, mask, _ = tokenize_documents(tok, [pair], "int64")
+            flat, mask = flat[-(context + 1):], mask[-(context + 1):]  # keep the answer, cut the prompt's start
+            pad = context + 1 - len(flat)
+            ids_list.append(np.concatenate([flat, np.full(pad, tok.pad_token_id)]))
+            masks.append(np.concatenate([mask[1:], np.zeros(pad)]))
+        return {self.name: (torch.tensor(np.stack(ids_list), dtype=torch.int64),
+                            torch.tensor(np.stack(masks), dtype=torch.float32))}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "pairs": len(self.pairs), "from": self.where}

@@ -17,8 +17,9 @@ from fastmix.cost import CostMeter
 from fastmix.data import Corpus, prepare_corpus
 from fastmix.models import build_model
 from fastmix.optimizer import SearchContext, SearchResult
-from fastmix.sampling import MixtureSampler, eval_windows
-from fastmix.train import Trainer, evaluate_loss, resolve_device, set_threads
+from fastmix.objective import ValidationObjective
+from fastmix.sampling import MixtureSampler
+from fastmix.train import Trainer, resolve_device, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,10 @@ def train_on_mixture(corpus: Corpus, run_cfg: DictConfig, weights: dict[str, flo
     weighted by w (FastMix, DoReMi). Returns (model, last metrics)."""
     model = new_model(corpus, run_cfg.model, seed)
     arrays = {s: corpus.tokens[s]["train"] for s in corpus.sources}
+    masks = {s: corpus.mask(s, "train") for s in corpus.sources}
     sampler = MixtureSampler(arrays, run_cfg.model.context, run_cfg.batch_size, seed,
                              probs=None if weighted else weights,
-                             loss_weights=weights if weighted else None)
+                             loss_weights=weights if weighted else None, masks=masks)
     trainer = Trainer(model, sampler, run_cfg, device, meter, out_dir, hook=hook, hook_every=hook_every,
                       desc=desc, progress=progress)
     last = trainer.train()
@@ -47,9 +49,9 @@ def train_on_mixture(corpus: Corpus, run_cfg: DictConfig, weights: dict[str, flo
 
 
 def per_source_val_loss(model, corpus: Corpus, cfg_eval, device, meter, precision) -> dict[str, float]:
-    ctx = model.config.max_position_embeddings
-    return {s: evaluate_loss(model, eval_windows(corpus.tokens[s]["val"], ctx, cfg_eval.val_tokens_per_source),
-                             device, meter, cfg_eval.batch_size, precision)
+    """Each source's validation loss (answer tokens only for post-training sources)."""
+    return {s: ValidationObjective(corpus, weights={s: 1.0}, max_tokens_per_source=cfg_eval.val_tokens_per_source,
+                                   batch_size=cfg_eval.batch_size).loss(model, device, meter, precision)
             for s in corpus.sources}
 
 

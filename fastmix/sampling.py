@@ -41,9 +41,12 @@ class MixtureSampler:
     same batches as an uninterrupted one."""
 
     def __init__(self, arrays: dict[str, np.ndarray], context: int, batch_size: int, seed: int,
-                 probs: dict[str, float] | None = None, loss_weights: dict[str, float] | None = None):
+                 probs: dict[str, float] | None = None, loss_weights: dict[str, float] | None = None,
+                 masks: dict[str, np.ndarray | None] | None = None):
         self.names = list(arrays)
         self.arrays = [arrays[n] for n in self.names]
+        # Loss masks of post-training (prompt/answer) sources: prompt tokens do not count.
+        self.masks = [(masks or {}).get(n) for n in self.names]
         self.context, self.batch_size = context, batch_size
         for n, a in zip(self.names, self.arrays):
             if len(a) < context + 1:
@@ -56,14 +59,22 @@ class MixtureSampler:
     def set_loss_weights(self, w: np.ndarray | torch.Tensor) -> None:
         self.loss_weights = np.asarray(w.detach().cpu() if isinstance(w, torch.Tensor) else w, dtype=np.float64)
 
+    def weights_of(self, source: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.loss_weights[source.numpy()].astype(np.float32))
+
     def next_batch(self) -> Batch:
         src = self.rng.choice(len(self.names), size=self.batch_size, p=self.probs / self.probs.sum())
         rows = np.empty((self.batch_size, self.context + 1), dtype=np.int64)
+        mask = np.ones((self.batch_size, self.context), dtype=np.float32) if any(
+            m is not None for m in self.masks) else None
         for i, k in enumerate(src):
             start = self.rng.integers(0, len(self.arrays[k]) - self.context)
             rows[i] = self.arrays[k][start:start + self.context + 1]
-        return Batch(torch.from_numpy(rows), torch.from_numpy(src.astype(np.int64)),
-                     torch.from_numpy(self.loss_weights[src].astype(np.float32)))
+            if self.masks[k] is not None:
+                mask[i] = self.masks[k][start + 1:start + self.context + 1]  # mask of the targets
+        source = torch.from_numpy(src.astype(np.int64))
+        return Batch(torch.from_numpy(rows), source, self.weights_of(source),
+                     None if mask is None else torch.from_numpy(mask))
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "loss_weights": self.loss_weights.tolist()}

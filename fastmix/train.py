@@ -50,11 +50,12 @@ def autocast(device: torch.device, precision: str):
 
 @dataclass
 class StepInfo:
-    """What a hook sees after a micro-batch."""
+    """What a hook sees: the micro-batch about to be trained on, after its forward."""
     step: int  # optimizer steps done
-    micro_step: int  # micro-batches done
+    micro_step: int  # micro-batches done before this one
     batch: Batch
-    token_loss: torch.Tensor  # [B, T] detached per-token cross-entropy
+    token_loss: torch.Tensor  # [B, T] per-token cross-entropy, still attached to the graph:
+    # a hook may differentiate it (torch.autograd.grad(..., retain_graph=True)), not backward it
     source_loss: dict[str, float]  # mean loss per source in this micro-batch
 
 
@@ -82,10 +83,18 @@ def weighted_loss(tok_loss: torch.Tensor, batch: Batch) -> torch.Tensor:
     return (w * tok_loss).sum() / w.sum().clamp_min(1e-12)
 
 
+def masked_mean(tok_loss: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean token loss over the counted tokens (loss mask) of the selected rows."""
+    m = torch.ones_like(tok_loss) if batch.loss_mask is None else batch.loss_mask.to(tok_loss.device)
+    if rows is not None:
+        tok_loss, m = tok_loss[rows], m[rows]
+    return (tok_loss * m).sum() / m.sum().clamp_min(1.0)
+
+
 def source_means(tok_loss: torch.Tensor, batch: Batch, names: list[str]) -> dict[str, float]:
-    per_row = tok_loss.detach().mean(1).cpu()
-    return {n: float(per_row[batch.source == k].mean()) for k, n in enumerate(names)
-            if (batch.source == k).any()}
+    tl = tok_loss.detach()
+    return {n: float(masked_mean(tl, batch, (batch.source == k).to(tl.device)))
+            for k, n in enumerate(names) if (batch.source == k).any()}
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -182,15 +191,19 @@ class Trainer:
                 for _ in range(accum):
                     batch = self.sampler.next_batch()
                     tok_loss = token_losses(self.model, batch, self.device, self.cfg.precision)
+                    src = source_means(tok_loss, batch, names)
+                    if self.hook is not None and self.micro_step % self.hook_every == 0:
+                        # Between forward and loss: the method sees this micro-batch's losses
+                        # (DoReMi) or differentiates them (FastMix), may change the loss
+                        # weights, and this micro-batch already trains with the new ones.
+                        self.hook(self, StepInfo(self.step, self.micro_step, batch, tok_loss, src))
+                        batch.weight = self.sampler.weights_of(batch.source)
                     loss = weighted_loss(tok_loss, batch)
                     (loss / accum).backward()
                     loss_sum += float(loss.detach()) / accum
                     self.micro_step += 1
-                    src = source_means(tok_loss, batch, names)
                     for n, v in src.items():
                         src_losses.setdefault(n, []).append(v)
-                    if self.hook is not None and self.micro_step % self.hook_every == 0:
-                        self.hook(self, StepInfo(self.step, self.micro_step, batch, tok_loss.detach(), src))
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -217,24 +230,3 @@ class Trainer:
                     break
         bar.close()
         return last
-
-
-@torch.no_grad()
-def evaluate_loss(model, windows: torch.Tensor, device, meter: CostMeter | None, batch_size: int = 16,
-                  precision: str = "bf16") -> float:
-    """Mean next-token loss over fixed held-out windows (forward only)."""
-    if len(windows) == 0:
-        return float("nan")
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(windows), batch_size):
-        rows = windows[i:i + batch_size]
-        dummy = torch.zeros(len(rows))
-        tl = token_losses(model, Batch(rows, dummy.long(), dummy), device, precision)
-        total += float(tl.sum())
-        count += tl.numel()
-    if meter is not None:
-        meter.add_forward(flop_params(model), count)
-    model.train(was_training)
-    return total / count

@@ -9,7 +9,8 @@ from conftest import compose
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF_DIR / g).glob("*.yaml"))]
-REQUIRED = {("data", "folder"): ["data.root=/x"], ("data", "files"): ["data.files={a: /x}"]}
+REQUIRED = {("data", "folder"): ["data.root=/x"], ("data", "files"): ["data.files={a: /x}"],
+            ("objective", "text"): ["objective.path=/x"]}
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from fastmix.cost import CostMeter
 from fastmix.models import build_model, flop_params
 from fastmix.sampling import MixtureSampler, eval_windows
-from fastmix.train import Trainer, evaluate_loss, lr_factor, token_losses, weighted_loss
+from fastmix.sampling import Batch
+from fastmix.train import Trainer, lr_factor, token_losses, weighted_loss
 
 TINY = {"layers": 1, "hidden": 32, "ffn": 64, "heads": 2, "context": 32}
 
@@ -30,17 +31,23 @@ def arrays(vocab=64, n=4000, seed=0):
             "flat": g.integers(0, vocab, n).astype(np.uint16)}
 
 
+@torch.no_grad()
+def evaluate_loss(model, windows):
+    n = len(windows)
+    return float(token_losses(model, Batch(windows, torch.zeros(n, dtype=torch.long), torch.ones(n)), "cpu", "bf16").mean())
+
+
 def test_loss_goes_down(tmp_path):
     torch.manual_seed(0)
     src = arrays()
     model = build_model(TINY, 64, seed=0)
     meter = CostMeter(torch.device("cpu"))
     held_out = eval_windows(src["cycle"], 32, 512)
-    before = evaluate_loss(model, held_out, "cpu", None)
+    before = evaluate_loss(model, held_out)
     with meter.stage("train"):
         Trainer(model, MixtureSampler(src, 32, 8, seed=0), train_cfg(), torch.device("cpu"), meter,
                 tmp_path, progress=False).train()
-    after = evaluate_loss(model, held_out, "cpu", None)
+    after = evaluate_loss(model, held_out)
     assert after < before - 1.0, (before, after)
     rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert set(rows[-1]["source_loss"]) <= set(src) and rows[-1]["loss"] < rows[0]["loss"]
@@ -63,7 +70,6 @@ def test_weighting_identity():
         weighted_loss(token_losses(model, sampler_batch, "cpu", "bf16"), sampler_batch).backward()
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
-    from fastmix.sampling import Batch
     per_source = {}
     for k, arr in src.items():
         rows = torch.stack([torch.from_numpy(arr[i:i + ctx + 1].astype(np.int64)) for i in range(M)])

@@ -1,0 +1,99 @@
+"""run.py end to end on a tiny real corpus: the smoke experiment, a sweep, and bad input."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+RESULT_KEYS = {"optimizer", "seed", "data", "objective", "weights", "search_cost", "train_cost", "eval",
+               "eval_average", "val_loss", "objective_loss", "versions"}
+COST_KEYS = {"wall_seconds", "device", "devices", "device_hours", "flops", "tokens", "proxy_runs",
+             "peak_memory_bytes"}
+
+
+def no_done_anywhere(root: Path) -> bool:
+    return not list(root.rglob("DONE")) and not list(root.rglob("result.json"))
+
+
+def test_smoke_end_to_end(smoke_args, tiny_corpus, tmp_path):
+    r = run_cli(smoke_args + ["optimizer=natural"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = list((tmp_path / "outputs" / "runs").iterdir())
+    for f in ("mixture.json", "search_trace.jsonl", "metrics.jsonl", "cost.json", "eval.json",
+              "result.json", "DONE", ".hydra/config.yaml", "model/config.json"):
+        assert (run / f).exists(), f
+    assert not (run / "checkpoint.pt").exists()
+    res = json.loads((run / "result.json").read_text())
+    assert RESULT_KEYS <= set(res)
+    sources = sorted(p.name for p in tiny_corpus.iterdir())
+    assert sorted(res["weights"]) == sources and math.isclose(sum(res["weights"].values()), 1.0)
+    assert COST_KEYS <= set(res["train_cost"]) and res["train_cost"]["flops"] > 0
+    assert res["search_cost"]["proxy_runs"] == 0 and res["search_cost"]["flops"] == 0
+    assert all(math.isfinite(v) and v > 0 for v in res["val_loss"].values())
+    cost = json.loads((run / "cost.json").read_text())
+    assert set(cost) == {"search", "train", "eval"}
+    # The target model loads with plain transformers from the run folder.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(run / "model")
+    tok = AutoTokenizer.from_pretrained(run / "model")
+    assert model.config.vocab_size == len(tok) and tok.eos_token_id is not None
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] > metrics[0]["step"] and set(metrics[-1]["source_loss"]) <= set(sources)
+
+
+def test_two_job_sweep_and_rerun_skips(smoke_args, tmp_path):
+    r = run_cli(["-m", "optimizer=uniform,natural", *smoke_args], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = sorted((tmp_path / "outputs" / "sweep" / "smoke").glob("*optimizer=*"))
+    assert len(jobs) == 2 and all((j / "DONE").exists() for j in jobs)
+    w = {j.name: json.loads((j / "result.json").read_text())["weights"] for j in jobs}
+    uni = next(v for k, v in w.items() if "uniform" in k)
+    nat = next(v for k, v in w.items() if "natural" in k)
+    assert len(set(uni.values())) == 1 and len(set(round(v, 6) for v in nat.values())) > 1
+    stamp = [(j / "result.json").stat().st_mtime for j in jobs]
+    r = run_cli(["-m", "optimizer=uniform,natural", *smoke_args], cwd=tmp_path)
+    assert r.returncode == 0 and "skipped" in r.stdout + r.stderr
+    assert stamp == [(j / "result.json").stat().st_mtime for j in jobs]
+
+
+def bad_weights(sources, kind):
+    w = {s: 1 / len(sources) for s in sources}
+    if kind == "negative":
+        w[sources[0]], w[sources[1]] = -0.1, w[sources[1]] + 0.1 + 1 / len(sources)
+    elif kind == "nan":
+        w[sources[0]] = float("nan")
+    elif kind == "sum":
+        w[sources[0]] += 0.5
+    elif kind == "unknown":
+        w["klingon"] = w.pop(sources[0])
+    body = ", ".join(f"{k}: {v}" for k, v in w.items())
+    return [f"optimizer=fixed", f"optimizer.weights={{{body}}}"]
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing_root", "is not a directory"),
+    ("unknown_optimizer", "optimizer/bogus"),
+    ("config_typo", "proxy.lrr"),
+    ("unknown_source", "unknown source"),
+    ("negative", "< 0"),
+    ("nan", "nan"),
+    ("sum", "sum to"),
+    ("unknown", "klingon"),
+    ("no_weights", "needs optimizer.weights"),
+])
+def test_bad_input_stops_cleanly(case, message, smoke_args, tiny_corpus, tmp_path):
+    sources = sorted(p.name for p in tiny_corpus.iterdir())
+    extra = {
+        "missing_root": [f"data.root={tmp_path / 'nope'}"],
+        "unknown_optimizer": ["optimizer=bogus"],
+        "config_typo": ["proxy.lrr=0.1"],
+        "unknown_source": [f"data.sources=[{sources[0]},klingon]"],
+        "no_weights": ["optimizer=fixed"],
+    }.get(case) or bad_weights(sources, case)
+    r = run_cli(smoke_args + extra, cwd=tmp_path)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr  # one message, not a stack trace
+    assert no_done_anywhere(tmp_path)
