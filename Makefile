@@ -6,6 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CORPUS := data/embedded/manifest.json
+SFT    := data/embedded_sft/manifest.json
 ARGS   ?=
 
 .PHONY: setup run test corpus bench clean
@@ -21,9 +22,12 @@ $(STAMP): requirements.txt pyproject.toml
 $(CORPUS): $(STAMP) fastmix/corpus.py fastmix/mathgen.py
 	$(PY) -m fastmix.corpus --out data/embedded
 
-corpus: $(CORPUS)
+$(SFT): $(CORPUS) fastmix/sft_corpus.py
+	$(PY) -m fastmix.sft_corpus --embedded data/embedded --out data/embedded_sft
 
-setup: $(STAMP) $(CORPUS)
+corpus: $(CORPUS) $(SFT)
+
+setup: $(STAMP) $(CORPUS) $(SFT)
 
 run: setup
 	$(PY) run.py $(ARGS)

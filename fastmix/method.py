@@ -46,6 +46,23 @@ def entropy_grad(w: torch.Tensor) -> torch.Tensor:
     return softmax_chain(w, -(1 + torch.log(w.clamp_min(1e-12))))
 
 
+def hypergradient(model, params: list[torch.Tensor], val_batch, info: StepInfo, n_sources: int, lr: float,
+                  device, precision: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Eq. 5-6: g_k = -lr * <G_val, G_k>. G_val from a separate forward of the
+    objective batch; G_k from the micro-batch's own forward graph (`info.token_loss`),
+    one source at a time, differentiated to `params` only (cheap for the LM head).
+    Returns (g, inner products, objective batch loss)."""
+    val_loss = weighted_loss(token_losses(model, val_batch, device, precision), val_batch)
+    g_val = torch.autograd.grad(val_loss, params)
+    inner = torch.zeros(n_sources, dtype=torch.float64)
+    for k in range(n_sources):
+        rows = (info.batch.source == k).to(info.token_loss.device)
+        if rows.any():  # a source absent from the micro-batch keeps 0 (public code)
+            g_k = torch.autograd.grad(masked_mean(info.token_loss, info.batch, rows), params, retain_graph=True)
+            inner[k] = sum(float((a.float() * b.float()).sum()) for a, b in zip(g_val, g_k))
+    return -lr * inner, inner, float(val_loss.detach())
+
+
 class FastMixHook:
     """The outer step, called by the one training loop every T micro-batches."""
 
@@ -71,22 +88,12 @@ class FastMixHook:
     def __call__(self, trainer: Trainer, info: StepInfo) -> None:
         if info.micro_step == 0:
             return  # public code: no outer step before the first inner step
-        model, device = trainer.model, trainer.device
+        model = trainer.model
         params = self._params(model)
-        # G_val on one objective batch (a separate forward; backward only to `params`).
         vb = self.objective.sample_batch(self.rng, self.val_batch_size, model.config.max_position_embeddings)
-        val_loss = weighted_loss(token_losses(model, vb, device, trainer.cfg.precision), vb)
-        g_val = torch.autograd.grad(val_loss, params)
-        # G_k from this micro-batch's own forward graph, one source at a time.
-        inner = torch.zeros(len(self.names), dtype=torch.float64)
-        for k in range(len(self.names)):
-            rows = (info.batch.source == k).to(info.token_loss.device)
-            if rows.any():
-                loss_k = masked_mean(info.token_loss, info.batch, rows)
-                g_k = torch.autograd.grad(loss_k, params, retain_graph=True)
-                inner[k] = sum(float((a.float() * b.float()).sum()) for a, b in zip(g_val, g_k))
         lr = trainer.scheduler.get_last_lr()[0]
-        g = -lr * inner  # Eq. 6: d L_obj / d w_k after one unrolled inner step
+        g, inner, val_loss = hypergradient(model, params, vb, info, len(self.names), lr, trainer.device,
+                                           trainer.cfg.precision)
         w = self.weights
         dz = softmax_chain(w, g) - self.entropy_reg * entropy_grad(w)
         self.opt.zero_grad()
@@ -99,7 +106,7 @@ class FastMixHook:
         val_tokens = vb.input_ids.shape[0] * (vb.input_ids.shape[1] - 1)
         trainer.meter.add_forward(flop_params(model), val_tokens)
         trainer.meter.add_forward(n_grad, val_tokens + info.token_loss.numel())
-        self.trace.append({"step": info.step, "micro_step": info.micro_step, "objective_loss": float(val_loss.detach()),
+        self.trace.append({"step": info.step, "micro_step": info.micro_step, "objective_loss": val_loss,
                            "inner_products": dict(zip(self.names, inner.tolist())),
                            "hypergradient": dict(zip(self.names, g.tolist())),
                            "z_grad": dict(zip(self.names, dz.tolist())),
