@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from fastmix import records
 from fastmix.cost import CostMeter
 from fastmix.data import Corpus, prepare_corpus
+from fastmix.evaluation import evaluate_suite, load_tasks, suite_from_config
 from fastmix.models import build_model
 from fastmix.optimizer import SearchContext, SearchResult
 from fastmix.objective import ValidationObjective
@@ -71,6 +72,9 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
 
     corpus = prepare_corpus(cfg.data)
     objective = instantiate(cfg.objective, _partial_=True)(corpus=corpus)
+    suite = suite_from_config(cfg.eval, corpus)
+    if suite:
+        load_tasks(suite)  # a task whose data is missing stops the job now, before any training
     optimizer = build_optimizer(cfg.optimizer)
     meter = CostMeter(device)
 
@@ -100,7 +104,11 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     with meter.stage("eval"):
         val_loss = per_source_val_loss(target, corpus, cfg.eval, device, meter, cfg.train.precision)
         objective_loss = objective.loss(target, device, meter, cfg.train.precision)
-    records.write_json(run_dir / "eval.json", {"val_loss": val_loss, "objective_loss": objective_loss})
+        scores = (evaluate_suite(target, corpus.tokenizer, suite, device, cfg.eval.batch_size, cfg.eval.get("limit"),
+                                 meter, cfg.train.precision) if suite else
+                  {"scores": {}, "metrics": {}, "average": None, "results": {}})
+    records.write_json(run_dir / "eval.json", {"suite": cfg.eval.name, **scores, "val_loss": val_loss,
+                                               "objective_loss": objective_loss})
 
     # 4. record
     cost = meter.to_dict()
@@ -109,7 +117,8 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
         "optimizer": cfg.optimizer.name, "seed": cfg.seed, "data": cfg.data.name,
         "objective": objective.describe(), "proxy": cfg.proxy.name, "target": cfg.train.name,
         "weights": result.weights, "search_cost": cost["search"], "train_cost": cost["train"],
-        "eval_cost": cost["eval"], "eval": {}, "eval_average": None,
+        "eval_cost": cost["eval"], "eval_suite": cfg.eval.name, "eval": scores["scores"],
+        "eval_metrics": scores["metrics"], "eval_average": scores["average"],
         "val_loss": val_loss, "val_loss_average": sum(val_loss.values()) / len(val_loss),
         "objective_loss": objective_loss, "versions": records.versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
