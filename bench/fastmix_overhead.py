@@ -33,7 +33,6 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    import torch
     from fastmix.config import CONF_DIR
     from fastmix.cost import CostMeter
     from fastmix.data import prepare_corpus

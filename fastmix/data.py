@@ -17,9 +17,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple, Union
@@ -28,6 +25,7 @@ import numpy as np
 
 from fastmix.config import abspath
 from fastmix.errors import UserError
+from fastmix.records import building_dir
 
 SPLITS = ("train", "val", "test")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -365,11 +363,8 @@ def prepare_corpus(data_cfg) -> Corpus:
     else:
         raise UserError(f"data.tokenizer.kind '{tk.kind}' is unknown: use bpe or pretrained.")
     dtype = "uint16" if len(tokenizer) <= 2**16 else "uint32"
-    eos = tokenizer.eos_token_id
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
-    try:
+    with building_dir(root, "meta.json") as tmp:
         meta = {"dtype": dtype, "vocab_size": len(tokenizer), "sources": {}}
         for name, parts in splits.items():
             meta["sources"][name] = {}
@@ -385,11 +380,4 @@ def prepare_corpus(data_cfg) -> Corpus:
                                                  "masked": mask is not None}
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.replace(tmp, root)  # atomic: a concurrent job may have built the same key first
-        except OSError:
-            if not (root / "meta.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return prepare_corpus(data_cfg)

@@ -72,7 +72,8 @@ def paper14_suite(eval_cfg=None) -> dict:
     if eval_cfg is None:
         from fastmix.config import CONF_DIR
         eval_cfg = OmegaConf.load(CONF_DIR / "eval" / "paper14.yaml")
-    cfg = OmegaConf.to_container(eval_cfg, resolve=True) if isinstance(eval_cfg, DictConfig) else dict(eval_cfg)
+    cfg = (OmegaConf.to_container(eval_cfg, resolve=True) if isinstance(eval_cfg, DictConfig)
+           else dict(eval_cfg))
     override, metrics = cfg.get("num_fewshot"), cfg.get("metrics") or {}
     suite = {}
     for task, shots in cfg["tasks"].items():

@@ -25,7 +25,7 @@ from fastmix.data import Corpus, Pair, SourceSpec, _files_under, iter_documents,
 from fastmix.errors import UserError
 from fastmix.optimizer import validate_weights
 from fastmix.sampling import Batch, eval_windows
-from fastmix.train import masked_mean, token_losses
+from fastmix.train import token_losses
 
 
 def _windows_with_mask(tokens: np.ndarray, mask: np.ndarray | None, context: int, max_tokens: int):

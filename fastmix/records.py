@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -27,6 +29,24 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def building_dir(root: Path, marker: str):
+    """Yield a temporary folder beside `root`; on success rename it to `root`.
+    A concurrent job that built the same `root` first wins (its `marker` file
+    exists), and the loser's copy is dropped. On error nothing is left behind."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root.parent))
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            if not (root / marker).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: Path, obj) -> None:

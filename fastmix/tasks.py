@@ -17,12 +17,14 @@ the QA tasks (see METRICS below). Chance is 0.25 on every task. The tasks:
   non-space characters (a line of code); prose cuts between words and a chunk
   is the next 10-20 words.
 * `cloze_<source>` (prose sources): LAMBADA-like: the context ends just before
-  the last word of a sentence; choices are that word and 3 sentence-final
-  words of other test documents. Multiple choice, not greedy exact match:
+  the last word of a sentence; choices are that word and 3 other
+  sentence-final words of the source's test split. Multiple choice, not
+  greedy exact match:
   tiny models almost never produce a whole word greedily, so greedy accuracy
   sits at ~0 for every mixture and would not rank them.
 * `factbook_qa` (when a `reference` source exists): "The <field> of <place>
-  is <value>." sentences (or "Field: value" lines under a title line) in the
+  is <value>." sentences, or "Field: value" lines under a title line naming
+  the place ("Angola: Geography", the embedded corpus's layout), in the
   test documents become open-book questions: a passage of the document that
   states the fact, then "Question: What is the <field> of <place>?"; the
   distractors are values of the same field for other places. (Closed-book
@@ -34,9 +36,9 @@ the QA tasks (see METRICS below). Chance is 0.25 on every task. The tasks:
   shortcut).
 
 Why an untrained model sits at chance: the gold choice and its distractors
-are drawn from the same pool by the same rule (cut points, chunk lengths,
-words, fact values), so no scoring rule that ignores the meaning of the
-context can prefer the gold one. Every choice of an item shares the gold
+are drawn from the same pool by the same rule (cut points and chunk lengths;
+distinct words or fact values, uniformly; evenly spaced numbers), so no
+scoring rule that ignores the meaning of the context can prefer the gold one. Every choice of an item shares the gold
 choice's leading whitespace (the text between context and choice), so
 whitespace is no cue either. (acc_mutual_info of an untrained model reacts
 to the context at random, so it spreads more around chance than acc: sd up
@@ -61,26 +63,25 @@ import fnmatch
 import hashlib
 import json
 import logging
-import os
 import random
 import re
-import shutil
-import tempfile
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
 from fastmix.errors import UserError
-from fastmix.records import write_json, write_jsonl, write_text_atomic
+from fastmix.records import building_dir, write_json, write_jsonl, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-SUITE_FORMAT = 6  # bump when the generators change, so cached suites are rebuilt
+SUITE_FORMAT = 11  # bump when the generators change, so cached suites are rebuilt
 N_CHOICES = 4
 CONTEXT_CHARS = 300  # fits ~100 tokens: inside the context of every proxy/target config
 MIN_CONTEXT_CHARS = 40  # non-space characters a context needs to say anything
+MAX_PER_ANSWER = 5  # cloze/factbook items sharing one gold word or value, at most (see cloze_items)
 MAX_CHUNK_CHARS = 120  # ~30-60 tokens: a choice must fit a 64-token smoke model with some context
 QA_SOURCES = {"factbook_qa": "reference", "math_qa": "math"}  # task -> the source it needs
 # lm-eval's multiple-choice metrics: acc = argmax log P(choice | context);
@@ -197,21 +198,14 @@ def _norm(s: str) -> str:
     return " ".join(s.split()).lower()
 
 
-@dataclass
-class _Pool:
-    """Candidate positions over a source's test documents, drawn uniformly."""
-    entries: list[tuple[int, int]] = field(default_factory=list)  # (doc, position)
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def other_doc(self, rng: random.Random, doc: int, multi_doc: bool) -> tuple[int, int]:
-        """A random entry from another document (or anywhere, if the split has one document)."""
-        for _ in range(100):
-            d, p = self.entries[rng.randrange(len(self.entries))]
-            if d != doc or not multi_doc:
-                return d, p
-        return self.entries[rng.randrange(len(self.entries))]
+def _from_other_doc(rng: random.Random, entries: list[tuple[int, int]], doc: int,
+                    multi_doc: bool) -> tuple[int, int]:
+    """A random (document, position) entry of another document (any, if the split has one)."""
+    for _ in range(100):
+        d, p = rng.choice(entries)
+        if d != doc or not multi_doc:
+            return d, p
+    return rng.choice(entries)
 
 
 def _shuffled_with_gold(rng: random.Random, gold: str, others: list[str]) -> tuple[list[str], int]:
@@ -226,10 +220,10 @@ def continuation_items(docs: list[str], n: int, rng: random.Random, context_char
     """Pick the true next chunk: gold and distractors are chunks at random cut
     points of the same source, the distractors from other documents."""
     lines = is_line_structured(docs)
-    pool = _Pool([(d, c) for d, text in enumerate(docs) for c in _cut_points(text, lines)])
-    multi_doc = len({d for d, _ in pool.entries}) > 1
+    pool = [(d, c) for d, text in enumerate(docs) for c in _cut_points(text, lines)]
+    multi_doc = len({d for d, _ in pool}) > 1
     items: list[Item] = []
-    for d, cut in rng.sample(pool.entries, len(pool)):  # every position at most once
+    for d, cut in rng.sample(pool, len(pool)):  # every position at most once
         if len(items) >= n:
             break
         ctx = _context(docs[d], cut, context_chars, lines)
@@ -241,7 +235,7 @@ def continuation_items(docs: list[str], n: int, rng: random.Random, context_char
         for _ in range(50):
             if len(others) == N_CHOICES - 1:
                 break
-            d2, c2 = pool.other_doc(rng, d, multi_doc)
+            d2, c2 = _from_other_doc(rng, pool, d, multi_doc)
             if not multi_doc and abs(c2 - cut) < 2 * context_chars:
                 continue  # one test document: take distractors far from the gold position
             alt = _chunk(docs[d2], c2, lines, rng)
@@ -258,34 +252,47 @@ def continuation_items(docs: list[str], n: int, rng: random.Random, context_char
 _FINAL_WORD = re.compile(r"(\s+)([A-Za-z][A-Za-z'’-]{2,})(?=[.!?][\"')\]]*(?:\s|$))")
 
 
+def _other_types(rng: random.Random, types: list[str], gold: str) -> list[str]:
+    """3 distinct types other than the gold one, uniformly."""
+    others = []
+    while len(others) < N_CHOICES - 1:
+        t = rng.choice(types)
+        if t != gold and t not in others:
+            others.append(t)
+    return others
+
+
 def cloze_items(docs: list[str], n: int, rng: random.Random, context_chars: int) -> list[Item]:
-    """LAMBADA-like: predict the last word of a sentence from the text before it."""
-    pool = _Pool()
-    words: dict[tuple[int, int], tuple[str, str]] = {}  # (doc, pos) -> (separator, word)
+    """LAMBADA-like: predict the last word of a sentence from the text before it.
+    The gold word and the distractors are drawn uniformly over the distinct
+    sentence-final words (then an occurrence of the gold one): drawn by
+    occurrence, one frequent word ("est." in "(2024 est.)") would be the gold
+    answer of half the items and never a distractor, and an untrained model's
+    fixed taste for it would swing the score far from chance."""
+    by_word: dict[str, list[tuple[int, int, str, str]]] = {}  # word -> (doc, pos, separator, spelling)
     for d, text in enumerate(docs):
         for m in _FINAL_WORD.finditer(text):
             if m.start() >= MIN_CONTEXT_CHARS:
-                pool.entries.append((d, m.start()))
-                words[(d, m.start())] = (m.group(1), m.group(2))
-    multi_doc = len({d for d, _ in pool.entries}) > 1
+                by_word.setdefault(m.group(2).lower(), []).append((d, m.start(), m.group(1), m.group(2)))
+    types = sorted(by_word)
     items: list[Item] = []
-    for d, pos in rng.sample(pool.entries, len(pool)):
+    used: set[tuple[int, int]] = set()
+    # at most MAX_PER_ANSWER items per gold word (more if needed to reach n with
+    # every word): a frequent word must not fill the task once rarer ones run out
+    per_type, cap = Counter(), max(MAX_PER_ANSWER, -(-n // max(1, len(types))))
+    for _ in range(20 * n if len(types) >= N_CHOICES else 0):
         if len(items) >= n:
             break
+        gold = rng.choice(types)
+        d, pos, sep, word = rng.choice(by_word[gold])
+        if (d, pos) in used or per_type[gold] >= cap:
+            continue
+        used.add((d, pos))
+        per_type[gold] += 1
         ctx = _context(docs[d], pos, context_chars, lines=False)
         if ctx is None:
             continue
-        sep, word = words[(d, pos)]
-        seen, others = {word.lower()}, []
-        for _ in range(50):
-            if len(others) == N_CHOICES - 1:
-                break
-            alt = words[pool.other_doc(rng, d, multi_doc)][1]
-            if alt.lower() not in seen:
-                seen.add(alt.lower())
-                others.append(sep + alt)
-        if len(others) < N_CHOICES - 1:
-            continue
+        others = [sep + rng.choice(by_word[t])[3] for t in _other_types(rng, types, gold)]
         choices, label = _shuffled_with_gold(rng, sep + word, others)
         items.append(Item(ctx, choices, label, d, pos))
     return items
@@ -296,7 +303,8 @@ def cloze_items(docs: list[str], n: int, rng: random.Random, context_chars: int)
 _FACT_SENTENCE = re.compile(
     r"\bThe ([a-z][a-z\- ]{1,40}?) of ((?:the )?[A-Z][\w'’.,()\- ]{0,60}?) (?:is|are) "
     r"((?:[^.\n]|\.(?!\s|$)){1,80}?)\.(?=\s|$)")
-_FIELD_LINE = re.compile(r"^([A-Z][A-Za-z\- ]{1,40}): +(\S[^\n]{0,80})$", re.M)
+_FIELD_LINE = re.compile(r"^(-[^\S\n]*)?([A-Za-z][\w\-,()' ]{1,50}):[^\S\n]*([^\n]{0,80})$", re.M)
+_TITLE = re.compile(r"^([^:\n]{1,60})(?::[^:\n]{0,40})?$")  # "Angola" or "Angola: Geography"
 _UNIT_END = re.compile(r"[.!?][\"')\]]*[^\S\n]+|\n")  # where a sentence or a line ends
 
 
@@ -312,30 +320,37 @@ class Fact:
 
 def extract_facts(docs: list[str]) -> list[Fact]:
     """Facts stated as "The <field> of <place> is <value>." sentences, or as
-    "Field: value" lines in a document whose first line names the place."""
+    "Field: value" lines (and "- part: value" lines under a "Field:" line) in
+    a document whose first line names the place ("Angola: Geography")."""
     facts = []
     for d, text in enumerate(docs):
         for m in _FACT_SENTENCE.finditer(text):
             if len(m.group(3).split()) <= 12:
                 facts.append(Fact(d, m.start(), m.end(), m.group(1).strip(), m.group(2).strip(),
                                   m.group(3).strip()))
-        first = text.strip().split("\n", 1)[0].strip()
-        if 0 < len(first) <= 60 and ":" not in first:
-            for m in _FIELD_LINE.finditer(text):
-                if len(m.group(2).split()) <= 12:
-                    facts.append(Fact(d, m.start(), m.end(), m.group(1).strip().lower(), first,
-                                      m.group(2).strip()))
+        title = _TITLE.match(text.strip().split("\n", 1)[0].strip())
+        if title is None:
+            continue
+        place, parent = title.group(1).strip(), None
+        for m in _FIELD_LINE.finditer(text, len(text.split("\n", 1)[0])):
+            sub, name, value = m.group(1), m.group(2).strip(), m.group(3).strip()
+            if not sub:
+                parent = name if not value else None
+            if not value or len(value.split()) > 12 or (sub and parent is None):
+                continue
+            field_ = f"{parent} ({name})" if sub else name
+            facts.append(Fact(d, m.start(), m.end(), field_.lower(), place, value))
     return facts
 
 
 def _passage(text: str, start: int, end: int, chars: int, rng: random.Random) -> str:
     """Whole sentences/lines around [start, end), at most ~`chars` long, with the
-    fact at a random place in the passage."""
+    fact at a random place in the passage (line breaks kept, spaces collapsed)."""
     lo = rng.randint(max(0, end - chars), start)
     cuts = [0] + [m.end() for m in _UNIT_END.finditer(text)]
     a = min((c for c in cuts if lo <= c <= start), default=start)
     b = max((c for c in cuts if end <= c <= a + chars), default=end)
-    return " ".join(text[a:max(b, end)].split())
+    return re.sub(r"[^\S\n]+", " ", text[a:max(b, end)]).strip()
 
 
 def factbook_items(docs: list[str], n: int, rng: random.Random, context_chars: int) -> list[Item]:
@@ -345,19 +360,26 @@ def factbook_items(docs: list[str], n: int, rng: random.Random, context_chars: i
     passage of the document that states the fact (as SciQ gives its support
     text); the distractors are values of the same field for other places."""
     facts = extract_facts(docs)
-    # Distractors are drawn per fact, like the gold answer (a common value such as
-    # "tropical" is as likely among them): drawing from the distinct values would
-    # make the gold answer the typically shorter, commoner one.
-    by_field: dict[str, list[str]] = {}
+    # The gold value and the distractors are drawn uniformly over the field's
+    # distinct values (as cloze words are; a value like "Africa" or "0 sq km"
+    # would otherwise be gold often and a distractor never).
+    by_value: dict[str, dict[str, list[Fact]]] = {}  # field -> normalised value -> facts
     for f in facts:
-        by_field.setdefault(f.field, []).append(f.value)
-    usable = [f for f in facts if len({_norm(v) for v in by_field[f.field]}) >= N_CHOICES]
-    items, seen = [], set()
+        by_value.setdefault(f.field, {}).setdefault(_norm(f.value), []).append(f)
+    usable = [f for f in facts if len(by_value[f.field]) >= N_CHOICES]
+    items, seen, per_value = [], set(), Counter()
+    cap = max(MAX_PER_ANSWER, -(-n // max(1, len({(f.field, _norm(f.value)) for f in usable}))))
     # Several windows (and distractor draws) per fact when facts are fewer than n.
     for _ in range(20 * n if usable else 0):
         if len(items) >= n:
             break
-        f = rng.choice(usable)
+        field_ = rng.choice(usable).field  # fields in proportion to their facts
+        values = by_value[field_]
+        types = sorted(values)
+        gold = rng.choice(types)
+        if per_value[(field_, gold)] >= cap:
+            continue
+        f = rng.choice(values[gold])
         question = f"\nQuestion: What is the {f.field} of {f.place}?\nAnswer:"
         # passage + question within context_chars, so the fact survives left-truncation
         budget = max(f.end - f.start, context_chars - len(question))
@@ -365,12 +387,8 @@ def factbook_items(docs: list[str], n: int, rng: random.Random, context_chars: i
         if ctx in seen:
             continue
         seen.add(ctx)
-        seen_values, others = {_norm(f.value)}, []
-        while len(others) < N_CHOICES - 1:
-            v = rng.choice(by_field[f.field])
-            if _norm(v) not in seen_values:
-                seen_values.add(_norm(v))
-                others.append(" " + v)
+        per_value[(field_, gold)] += 1
+        others = [" " + rng.choice(values[t]).value for t in _other_types(rng, types, gold)]
         choices, label = _shuffled_with_gold(rng, " " + f.value, others)
         items.append(Item(ctx, choices, label, f.doc, f.start))
     return items
@@ -509,9 +527,7 @@ def build_local_suite(corpus, out_dir: Path, n_per_task: int = 200, seed: int = 
     docs = {s: corpus.documents(s, "test") for s in corpus.sources}  # held-out text only
     plan = _select(plan_tasks(docs), list(tasks) if tasks else None)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=out_dir))
-    try:
+    with building_dir(root, "suite.json") as tmp:
         manifest = {}
         for name, (source, kind, generate) in plan.items():
             # One RNG per task, seeded by name: a task's items do not depend on
@@ -537,11 +553,4 @@ def build_local_suite(corpus, out_dir: Path, n_per_task: int = 200, seed: int = 
         write_json(tmp / "suite.json", {"corpus": Path(corpus.root).name, "seed": seed,
                                         "n_per_task": n_per_task, "context_chars": context_chars,
                                         "format": SUITE_FORMAT, "tasks": manifest})
-        try:
-            os.replace(tmp, root)  # atomic: a concurrent job may have built the same key first
-        except OSError:
-            if not (root / "suite.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return json.loads((root / "suite.json").read_text())["tasks"]

@@ -69,7 +69,7 @@ def bad_weights(sources, kind):
     elif kind == "unknown":
         w["klingon"] = w.pop(sources[0])
     body = ", ".join(f"{k}: {v}" for k, v in w.items())
-    return [f"optimizer=fixed", f"optimizer.weights={{{body}}}"]
+    return ["optimizer=fixed", f"optimizer.weights={{{body}}}"]
 
 
 @pytest.mark.parametrize("case,message", [

@@ -1,6 +1,5 @@
 """The one training loop: it learns, the weighting identity holds, it resumes exactly."""
 import json
-import math
 
 import numpy as np
 import pytest
