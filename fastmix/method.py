@@ -48,17 +48,18 @@ def entropy_grad(w: torch.Tensor) -> torch.Tensor:
 
 def hypergradient(model, params: list[torch.Tensor], val_batch, info: StepInfo, n_sources: int, lr: float,
                   device, precision: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Eq. 5-6: g_k = -lr * <G_val, G_k>. G_val from a separate forward of the
-    objective batch; G_k from the micro-batch's own forward graph (`info.token_loss`),
-    one source at a time, differentiated to `params` only (cheap for the LM head).
-    Returns (g, inner products, objective batch loss)."""
+    """Eq. 5-6: g_k = -lr * <G_val, G_k>. G_val from a forward of the objective
+    batch; G_k from one forward of the micro-batch about to be trained on, one
+    source's rows at a time, differentiated to `params` only (cheap for the LM
+    head). Returns (g, inner products, objective batch loss)."""
     val_loss = weighted_loss(token_losses(model, val_batch, device, precision), val_batch)
     g_val = torch.autograd.grad(val_loss, params)
+    token_loss = token_losses(model, info.batch, device, precision)
     inner = torch.zeros(n_sources, dtype=torch.float64)
     for k in range(n_sources):
-        rows = (info.batch.source == k).to(info.token_loss.device)
+        rows = (info.batch.source == k).to(token_loss.device)
         if rows.any():  # a source absent from the micro-batch keeps 0 (public code)
-            g_k = torch.autograd.grad(masked_mean(info.token_loss, info.batch, rows), params, retain_graph=True)
+            g_k = torch.autograd.grad(masked_mean(token_loss, info.batch, rows), params, retain_graph=True)
             inner[k] = sum(float((a.float() * b.float()).sum()) for a, b in zip(g_val, g_k))
     return -lr * inner, inner, float(val_loss.detach())
 
@@ -100,12 +101,13 @@ class FastMixHook:
         self.z.grad = dz
         self.opt.step()
         trainer.sampler.set_loss_weights(self.weights.numpy())
-        # Cost of the outer step: the objective batch's forward, and the gradient
-        # passes to `params` (counted as forward-sized work on those parameters).
+        # Cost of the outer step: forwards of the objective batch and the micro-batch,
+        # and the gradient passes to `params` (forward-sized work on those parameters).
         n_grad = sum(p.numel() for p in params)
         val_tokens = vb.input_ids.shape[0] * (vb.input_ids.shape[1] - 1)
-        trainer.meter.add_forward(flop_params(model), val_tokens)
-        trainer.meter.add_forward(n_grad, val_tokens + info.token_loss.numel())
+        batch_tokens = info.batch.input_ids.shape[0] * (info.batch.input_ids.shape[1] - 1)
+        trainer.meter.add_forward(flop_params(model), val_tokens + batch_tokens)
+        trainer.meter.add_forward(n_grad, val_tokens + batch_tokens)
         self.trace.append({"step": info.step, "micro_step": info.micro_step, "objective_loss": val_loss,
                            "inner_products": dict(zip(self.names, inner.tolist())),
                            "hypergradient": dict(zip(self.names, g.tolist())),

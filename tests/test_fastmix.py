@@ -48,7 +48,7 @@ def test_hypergradient_matches_autograd_through_one_head_step(lr):
     the inner step taken on the LM head (the parameters FastMix differentiates)."""
     model, batch, val_batch = setup_case()
     head = model.get_output_embeddings().weight
-    info = StepInfo(0, 1, batch, token_losses(model, batch, "cpu", "bf16"), {})
+    info = StepInfo(0, 1, batch)
     est, _, _ = hypergradient(model, [head], val_batch, info, 3, lr, "cpu", "bf16")
 
     G = [g[0].detach() for g in per_source_grads(model, batch, [head])]
@@ -69,7 +69,7 @@ def test_hypergradient_all_params_matches_finite_differences():
     params = dict(model.named_parameters())
     plist = list(params.values())
     lr, eps = 0.05, 0.05
-    info = StepInfo(0, 1, batch, token_losses(model, batch, "cpu", "bf16"), {})
+    info = StepInfo(0, 1, batch)
     est, _, _ = hypergradient(model, plist, val_batch, info, 3, lr, "cpu", "bf16")
     G = [[x.detach() for x in g] for g in per_source_grads(model, batch, plist)]
 
