@@ -87,6 +87,17 @@ class CostMeter:
             c.peak_memory_bytes = max(c.peak_memory_bytes, peak_memory_bytes(self.device))
             self._open = None
 
+    @contextmanager
+    def elsewhere(self):
+        """Wall time inside this block is not the open stage's own: the work is done
+        elsewhere (proxy runs in other processes or on SLURM) and charged with
+        `add` from its records, so waiting for it must not count twice."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._current().wall_seconds -= time.perf_counter() - start
+
     def _current(self) -> Cost:
         if self._open is None:
             raise RuntimeError("cost charged outside a stage: open one with `with meter.stage(...)`")

@@ -140,6 +140,9 @@ class FastMix:
         self.outer_every, self.lr, self.betas, self.entropy_reg = outer_every, lr, betas, entropy_reg
         self.grad_params, self.init, self.val_batch_size = grad_params, init, val_batch_size
 
+    def planned_proxy_runs(self, n_sources: int) -> int:
+        return 1  # one proxy, whatever K
+
     def search(self, ctx: SearchContext) -> SearchResult:
         names = ctx.sources
         if self.init == "prior":

@@ -52,6 +52,9 @@ class SearchContext:
     out_dir: Path  # the method's own folder for checkpoints and proxy runs
     train_proxy: Callable[..., Any]  # fastmix.pipeline.train_proxy bound to this job's config
     cfg: Any = None  # the whole job config, read-only
+    # run_proxies(weights_list, tag) -> records: one proxy per mixture, fanned out through
+    # the configured executor, resumable (fastmix.pipeline.proxy_runner)
+    run_proxies: Callable[[list[dict[str, float]], str], list[dict]] | None = None
 
     @property
     def sources(self) -> list[str]:
@@ -78,6 +81,14 @@ class MixtureOptimizer(Protocol):
     name: str
 
     def search(self, ctx: SearchContext) -> SearchResult: ...
+
+    # Optional: proxy runs the method plans for K sources at its configured scale
+    # (bench/compare_methods.py extrapolates paper-scale costs from it).
+    def planned_proxy_runs(self, n_sources: int) -> int: ...
+
+    # Optional: regroup the sources before the search (CLIMB's clustering stage);
+    # the search and the target model then use the returned corpus.
+    def prepare_corpus(self, corpus: Corpus, cfg: Any) -> Corpus: ...
 
 
 def normalise(v: np.ndarray) -> np.ndarray:

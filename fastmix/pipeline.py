@@ -5,7 +5,9 @@ built here from the config, so the stages read top to bottom.
 """
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,7 +15,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fastmix import records
-from fastmix.cost import CostMeter
+from fastmix.cost import Cost, CostMeter
+from fastmix.errors import UserError
+from fastmix.fanout import make_executor
 from fastmix.data import Corpus, prepare_corpus
 from fastmix.evaluation import evaluate_suite, load_tasks, suite_from_config
 from fastmix.models import build_model
@@ -56,11 +60,115 @@ def per_source_val_loss(model, corpus: Corpus, cfg_eval, device, meter, precisio
             for s in corpus.sources}
 
 
+@dataclass
+class ProxyJob:
+    index: int
+    tag: str
+    weights: dict[str, float]
+    out_dir: str  # absolute: the unit may run in another process or on another node
+    seed: int
+
+
+class ProxyUnit:
+    """One proxy run as a resumable unit: train a proxy on `weights` through the one
+    loop, score it on the objective, write `record.json` (mixture, objective,
+    cost) and drop the checkpoint. A finished unit returns its record without
+    training. Picklable (the job config travels as a plain dict), so it runs the
+    same in this process, in a worker process or as a SLURM array task."""
+
+    def __init__(self, cfg: dict, threads: int | None = None):
+        self.cfg, self.threads = cfg, threads
+        self._loaded = None  # (corpus, objective), built on first use in the process that runs it
+
+    def __getstate__(self):
+        return {"cfg": self.cfg, "threads": self.threads, "_loaded": None}
+
+    def _load(self):
+        if self._loaded is None:
+            cfg = OmegaConf.create(self.cfg)
+            corpus = prepare_corpus(cfg.data)  # the token cache: no work after the parent built it
+            objective = instantiate(cfg.objective, _partial_=True)(corpus=corpus)
+            self._loaded = search_corpus(build_optimizer(cfg.optimizer), corpus, cfg), objective
+        return self._loaded
+
+    def __call__(self, job: ProxyJob) -> dict:
+        out = Path(job.out_dir)
+        record_path = out / "record.json"
+        if record_path.exists():
+            record = json.loads(record_path.read_text())
+            if record["weights"] != job.weights:
+                raise UserError(f"{out} holds a proxy run of another mixture (the search changed since it ran): "
+                                f"delete {out.parent} or use a new run folder.")
+            return record
+        if self.threads:
+            set_threads(self.threads)
+        cfg = OmegaConf.create(self.cfg)
+        corpus, objective = self._load()
+        device = resolve_device(cfg.device)
+        meter = CostMeter(device)
+        with meter.stage("proxy"):
+            meter.add_proxy_run()
+            model, _ = train_on_mixture(corpus, cfg.proxy, job.weights, out, device, meter, job.seed,
+                                        desc=f"proxy {job.tag}/{job.index}", progress=False)
+            value = objective.loss(model, device, meter, cfg.proxy.precision)
+        record = {"index": job.index, "tag": job.tag, "weights": job.weights, "objective": value,
+                  "cost": meter.stages["proxy"].to_dict(), "seed": job.seed, "dir": str(out)}
+        records.write_json(record_path, record)
+        (out / "checkpoint.pt").unlink(missing_ok=True)  # a paper-scale proxy checkpoint is ~300 MB
+        return record
+
+
+def proxy_runner(cfg: DictConfig, corpus: Corpus, objective, meter: CostMeter, folder: Path):
+    """`ctx.run_proxies(weights_list, tag)`: one proxy per mixture through the executor
+    in `cfg.executor`; returns their records in order and charges their costs
+    (finished earlier or just now, here or elsewhere) to the open stage."""
+    executor = make_executor(cfg.executor, folder / "submitit")
+    unit = ProxyUnit(OmegaConf.to_container(cfg, resolve=True), getattr(executor, "threads", None))
+    if executor.name == "inprocess":
+        unit._loaded = corpus, objective  # already in memory
+
+    def run_proxies(weights_list: list[dict[str, float]], tag: str) -> list[dict]:
+        jobs = [ProxyJob(i, tag, {k: float(v) for k, v in w.items()}, str(folder / f"{tag}_{i:04d}"), cfg.seed)
+                for i, w in enumerate(weights_list)]
+        log.info("%s: %d proxy runs (%s executor)", tag, len(jobs), executor.name)
+        with meter.elsewhere():
+            results = executor.map(unit, jobs)
+        for r in results:
+            meter.add(Cost.from_dict(r["cost"]))
+        return results
+    return run_proxies
+
+
+def search_corpus(optimizer, corpus: Corpus, cfg: DictConfig) -> Corpus:
+    """The sources a method searches over and the target trains on: the data's
+    own, unless the method regroups them first (CLIMB's clustering stage). The
+    objective and the per-source validation losses stay on the original data."""
+    prepare = getattr(optimizer, "prepare_corpus", None)
+    return prepare(corpus, cfg) if prepare is not None else corpus
+
+
 def build_optimizer(opt_cfg: DictConfig):
     """`conf/optimizer/<name>.yaml` is flat (`_target_`, `name`, the method's
     parameters) so a sweep overrides `optimizer.lr=...`; `name` is a label."""
     params = {k: v for k, v in OmegaConf.to_container(opt_cfg).items() if k != "name"}
     return instantiate(params, _convert_="all")
+
+
+def run_search(cfg: DictConfig, optimizer, corpus: Corpus, objective, meter: CostMeter, device,
+               out_dir: Path) -> tuple[Corpus, SearchResult]:
+    """The search stage: (the sources searched over, the validated result). Every
+    proxy is paid for through `meter`'s search stage, in process or fanned out."""
+    with meter.stage("search"):
+        sources = search_corpus(optimizer, corpus, cfg)  # = corpus unless the method regroups it
+
+        def train_proxy(weights, out_dir, seed=cfg.seed, **kw):
+            meter.add_proxy_run()
+            return train_on_mixture(sources, cfg.proxy, weights, out_dir, device, meter, seed,
+                                    progress=cfg.progress, **kw)
+        run_proxies = proxy_runner(cfg, sources, objective, meter, out_dir / "proxies")
+        ctx = SearchContext(sources, objective, meter, cfg.seed, out_dir, train_proxy, cfg,
+                            run_proxies=run_proxies)
+        return sources, optimizer.search(ctx).validated(sources.sources)
 
 
 def run_job(cfg: DictConfig, run_dir: Path) -> dict:
@@ -79,22 +187,16 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     meter = CostMeter(device)
 
     # 1. search
-    with meter.stage("search"):
-        def train_proxy(weights, out_dir, seed=cfg.seed, **kw):
-            meter.add_proxy_run()
-            return train_on_mixture(corpus, cfg.proxy, weights, out_dir, device, meter, seed,
-                                    progress=cfg.progress, **kw)
-        ctx = SearchContext(corpus, objective, meter, cfg.seed, run_dir / "search", train_proxy, cfg)
-        result: SearchResult = optimizer.search(ctx).validated(corpus.sources)
+    sources, result = run_search(cfg, optimizer, corpus, objective, meter, device, run_dir / "search")
     log.info("mixture (%s): %s", cfg.optimizer.name,
              ", ".join(f"{k}={v:.3f}" for k, v in result.weights.items()))
     records.write_json(run_dir / "mixture.json", {"weights": result.weights, "optimizer": cfg.optimizer.name,
-                                                  "sources": corpus.sources, "info": result.info})
+                                                  "sources": sources.sources, "info": result.info})
     records.write_jsonl(run_dir / "search_trace.jsonl", result.trace)
 
     # 2. train the target model on the mixture (sources sampled by w)
     with meter.stage("train"):
-        target, _ = train_on_mixture(corpus, cfg.train, result.weights, run_dir, device, meter,
+        target, _ = train_on_mixture(sources, cfg.train, result.weights, run_dir, device, meter,
                                      cfg.seed, desc="target", progress=cfg.progress)
         if cfg.train.keep_model:
             target.save_pretrained(run_dir / "model")

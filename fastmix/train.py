@@ -6,6 +6,18 @@ schedule, and every `hook_every` micro-batches call the method's hook before the
 micro-batch is trained on (FastMix's outer step, DoReMi's weight update). Checkpoints hold everything that decides
 the next batch and update (model, optimizer, schedule, sampler RNG, hook
 state, cost so far), so a killed run resumes and ends with the same numbers.
+
+Two hook timings. By default the hook runs *before* the micro-batch's forward:
+the fused loss folds the loss weights into the forward, so they must be final
+by then (FastMix). A hook with `needs_token_losses = True` runs *between* the
+forward and the backward (DoReMi: its weight update reads the proxy's per-token
+losses of the same micro-batch, and that micro-batch then trains with the new
+weights). For such a micro-batch the loop takes the plain path: token losses
+with grad (`token_losses`), the hook sees them detached in
+`StepInfo.token_losses`, the batch's weights are refreshed from the sampler,
+and `weighted_loss` of the same forward is backpropagated. One forward, the
+same FLOPs as any step; slower in wall time on CPU at large vocabularies, where
+it materialises the [tokens, vocab] logits the fused path avoids.
 """
 from __future__ import annotations
 
@@ -56,6 +68,9 @@ class StepInfo:
     step: int  # optimizer steps done
     micro_step: int  # micro-batches done before this one
     batch: Batch
+    # [B, T] detached token losses of this micro-batch's forward; only for hooks
+    # with `needs_token_losses = True` (called after the forward), else None.
+    token_losses: torch.Tensor | None = None
 
 
 class Hook(Protocol):
@@ -209,13 +224,23 @@ class Trainer:
                 loss_sum, src_losses = 0.0, {}
                 for _ in range(accum):
                     batch = self.sampler.next_batch()
-                    if self.hook is not None and self.micro_step % self.hook_every == 0:
-                        # Before this micro-batch is trained on: the method may look at it
-                        # (FastMix's per-source gradients), change the loss weights, and
-                        # this micro-batch already trains with the new ones.
-                        self.hook(self, StepInfo(self.step, self.micro_step, batch))
+                    call_hook = self.hook is not None and self.micro_step % self.hook_every == 0
+                    if call_hook and getattr(self.hook, "needs_token_losses", False):
+                        # After the forward, before the backward: the method reads this
+                        # micro-batch's token losses (DoReMi's excess losses), changes the
+                        # loss weights, and the same forward is weighted with the new ones.
+                        tok = token_losses(self.model, batch, self.device, self.cfg.precision)
+                        self.hook(self, StepInfo(self.step, self.micro_step, batch, tok.detach()))
                         batch.weight = self.sampler.weights_of(batch.source)
-                    loss, tok_loss = self.micro_batch_loss(batch)
+                        loss, tok_loss = weighted_loss(tok, batch), tok.detach()
+                    else:
+                        if call_hook:
+                            # Before this micro-batch is trained on: the method may look at it
+                            # (FastMix's per-source gradients), change the loss weights, and
+                            # this micro-batch already trains with the new ones.
+                            self.hook(self, StepInfo(self.step, self.micro_step, batch))
+                            batch.weight = self.sampler.weights_of(batch.source)
+                        loss, tok_loss = self.micro_batch_loss(batch)
                     (loss / accum).backward()
                     loss_sum += float(loss.detach()) / accum
                     self.micro_step += 1

@@ -1,0 +1,144 @@
+"""Fan-out: run many independent units (proxy trainings) through an executor set
+in config (`conf/executor/`): in this process, in local worker processes, or as
+a Submitit job array on SLURM.
+
+A unit is a picklable callable applied to one job; it writes its own record and
+returns it, so a re-run of an interrupted search finds the finished units'
+records and re-runs only the rest (see `fastmix.pipeline.ProxyUnit`). Every
+executor runs all jobs it can before reporting failures, so one bad unit does
+not throw away the others' work.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from fastmix.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class UnitsFailed(RuntimeError):
+    """Some units raised; the message lists each one with its error."""
+
+
+def _raise_failures(failures: list[tuple[int, BaseException | str]], total: int) -> None:
+    for _, e in failures:  # bad input (a config or folder to fix) is reported as itself
+        if isinstance(e, UserError):
+            raise e
+    if failures:
+        lines = "\n".join(f"  unit {i}: {type(e).__name__ if isinstance(e, BaseException) else 'error'}: {e}"
+                          for i, e in failures)
+        raise UnitsFailed(f"{len(failures)} of {total} proxy runs failed (the others are recorded; "
+                          f"re-running the job retries only the failed ones):\n{lines}")
+
+
+class InProcess:
+    """One unit after the other in this process (the default: no start-up cost,
+    and the corpus already in memory is reused)."""
+    name = "inprocess"
+
+    def map(self, fn: Callable, jobs: Sequence) -> list:
+        results, failures = [], []
+        for i, job in enumerate(jobs):
+            try:
+                results.append(fn(job))
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # noqa: BLE001 - reported with the others below
+                log.exception("proxy run %d failed", i)
+                failures.append((i, e))
+                results.append(None)
+        _raise_failures(failures, len(jobs))
+        return results
+
+
+class LocalProcesses:
+    """Worker processes on this machine, `threads_per_unit` torch threads each
+    (one on CPU: the proxies are too small to use two cores well, and
+    oversubscribed threads make CPU training many times slower)."""
+    name = "local"
+
+    def __init__(self, workers: int | None = None, threads_per_unit: int = 1):
+        cores = len(os.sched_getaffinity(0))
+        self.threads = max(1, int(threads_per_unit))
+        self.workers = int(workers or max(1, cores // self.threads))
+        if self.workers < 1:
+            raise UserError(f"executor.workers must be >= 1, got {workers}.")
+
+    def map(self, fn: Callable, jobs: Sequence) -> list:
+        # spawn, not fork: the parent holds torch threads and open memmaps
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(self.workers, mp_context=ctx) as pool:
+            futures = [pool.submit(fn, job) for job in jobs]
+            results, failures = [], []
+            for i, f in enumerate(futures):
+                try:
+                    results.append(f.result())
+                except Exception as e:  # noqa: BLE001
+                    failures.append((i, e))
+                    results.append(None)
+        _raise_failures(failures, len(jobs))
+        return results
+
+
+class Submitit:
+    """A Submitit job array (`cluster: slurm`), or Submitit's local executor
+    (`cluster: local`, for trying a cluster setup on one machine). Each proxy is
+    one array task; the array's parallelism, partition, GPUs and time limit come
+    from config. A requeued or re-submitted task finds its record or checkpoint
+    and continues from there."""
+    name = "submitit"
+
+    def __init__(self, folder: str | Path, cluster: str | None = "slurm", partition: str | None = None,
+                 gpus_per_unit: int = 1, cpus_per_unit: int = 4, mem_gb: float = 16, timeout_min: int = 60,
+                 array_parallelism: int = 64, additional: dict | None = None, setup: list[str] | None = None):
+        import submitit
+        if cluster == "slurm" and shutil.which("sbatch") is None:
+            raise UserError("executor=slurm needs SLURM's `sbatch` on PATH; on one machine use "
+                            "executor=local, or executor=slurm executor.cluster=local.")
+        self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+        params: dict[str, Any] = {"timeout_min": int(timeout_min), "cpus_per_task": int(cpus_per_unit),
+                                  "mem_gb": mem_gb, "tasks_per_node": 1, "nodes": 1}
+        if cluster == "slurm":
+            params.update(slurm_array_parallelism=int(array_parallelism), gpus_per_node=int(gpus_per_unit),
+                          slurm_additional_parameters=dict(additional or {}), slurm_setup=list(setup or []))
+            if partition:
+                params["slurm_partition"] = partition
+        elif gpus_per_unit:
+            params["gpus_per_node"] = int(gpus_per_unit)
+        self.executor.update_parameters(**params)
+        self.threads = int(cpus_per_unit)
+
+    def map(self, fn: Callable, jobs: Sequence) -> list:
+        submitted = self.executor.map_array(fn, list(jobs))
+        log.info("submitted %d proxy runs as %s", len(submitted),
+                 submitted[0].job_id.split("_")[0] if submitted else "-")
+        results, failures = [], []
+        for i, job in enumerate(submitted):
+            try:
+                results.append(job.result())
+            except Exception as e:  # noqa: BLE001 - submitit re-raises the task's error
+                failures.append((i, f"{e} (logs: {job.paths.stderr})"))
+                results.append(None)
+        _raise_failures(failures, len(jobs))
+        return results
+
+
+def make_executor(cfg, folder: Path):
+    """From `conf/executor/<name>.yaml`."""
+    name = cfg.name
+    if name == "inprocess":
+        return InProcess()
+    if name == "local":
+        return LocalProcesses(cfg.get("workers"), cfg.get("threads_per_unit", 1))
+    if name == "slurm":
+        return Submitit(folder, cfg.get("cluster", "slurm"), cfg.get("partition"), cfg.get("gpus_per_unit", 1),
+                        cfg.get("cpus_per_unit", 4), cfg.get("mem_gb", 16), cfg.get("timeout_min", 60),
+                        cfg.get("array_parallelism", 64), cfg.get("additional"), cfg.get("setup"))
+    raise UserError(f"executor '{name}' is unknown: use executor=inprocess, local or slurm.")

@@ -1,0 +1,116 @@
+"""Fan-out of proxy runs: records, costs summed into the search stage, resuming an
+interrupted search without re-training finished proxies, and the executors."""
+import json
+import math
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import compose
+from fastmix import pipeline
+from fastmix.cost import CostMeter
+from fastmix.data import prepare_corpus
+from fastmix.errors import UserError
+from fastmix.fanout import UnitsFailed
+
+
+@pytest.fixture
+def setup(tiny_corpus, cache_dir):
+    def make(*extra):
+        cfg = compose(["experiment=smoke", "data=folder", f"data.root={tiny_corpus}",
+                       f"data.cache_dir={cache_dir}", "proxy.tokens=2048", *extra])
+        corpus = prepare_corpus(cfg.data)
+        objective = instantiate(cfg.objective, _partial_=True)(corpus=corpus)
+        return cfg, corpus, objective
+    return make
+
+
+def mixtures(sources, n):
+    out = []
+    for i in range(n):
+        raw = [1.0 + ((i + 1) * (k + 2)) % 5 for k in range(len(sources))]
+        out.append({s: v / sum(raw) for s, v in zip(sources, raw)})
+    return out
+
+
+def test_records_and_costs(setup, tmp_path):
+    cfg, corpus, objective = setup()
+    meter = CostMeter(torch.device("cpu"))
+    with meter.stage("search"):
+        run = pipeline.proxy_runner(cfg, corpus, objective, meter, tmp_path / "proxies")
+        recs = run(mixtures(corpus.sources, 3), "round1")
+    assert [r["index"] for r in recs] == [0, 1, 2]
+    for r, w in zip(recs, mixtures(corpus.sources, 3)):
+        assert r["weights"] == pytest.approx(w) and math.isfinite(r["objective"]) and r["objective"] > 0
+        saved = json.loads((tmp_path / "proxies" / f"round1_{r['index']:04d}" / "record.json").read_text())
+        assert saved == r
+        assert not (tmp_path / "proxies" / f"round1_{r['index']:04d}" / "checkpoint.pt").exists()
+    search = meter.stages["search"]
+    assert search.proxy_runs == 3
+    assert search.flops == pytest.approx(sum(r["cost"]["flops"] for r in recs))
+    assert search.tokens == sum(r["cost"]["tokens"] for r in recs)
+    # the stage's wall time is the proxies' own time (plus a little bookkeeping), not twice it
+    proxy_wall = sum(r["cost"]["wall_seconds"] for r in recs)
+    assert proxy_wall <= search.wall_seconds <= proxy_wall + 1.0
+
+
+def test_interrupted_fanout_retrains_only_the_missing(setup, tmp_path, monkeypatch):
+    cfg, corpus, objective = setup()
+    trained, broken = [], [True]
+    real = pipeline.train_on_mixture
+
+    def flaky(corpus, run_cfg, weights, out_dir, *a, **kw):
+        trained.append(out_dir.name)
+        if out_dir.name == "r_0002" and broken[0]:
+            raise RuntimeError("node lost")
+        return real(corpus, run_cfg, weights, out_dir, *a, **kw)
+    monkeypatch.setattr(pipeline, "train_on_mixture", flaky)
+    ws = mixtures(corpus.sources, 4)
+
+    meter = CostMeter(torch.device("cpu"))
+    with meter.stage("search"):
+        run = pipeline.proxy_runner(cfg, corpus, objective, meter, tmp_path)
+        with pytest.raises(UnitsFailed, match="1 of 4 proxy runs failed"):
+            run(ws, "r")
+    assert sorted(trained) == ["r_0000", "r_0001", "r_0002", "r_0003"]  # the others still ran
+    first = {p.parent.name: p.stat().st_mtime_ns for p in tmp_path.glob("r_*/record.json")}
+    assert sorted(first) == ["r_0000", "r_0001", "r_0003"]
+
+    trained.clear()
+    broken[0] = False
+    meter = CostMeter(torch.device("cpu"))
+    with meter.stage("search"):
+        recs = pipeline.proxy_runner(cfg, corpus, objective, meter, tmp_path)(ws, "r")
+    assert trained == ["r_0002"]
+    assert all((tmp_path / n / "record.json").stat().st_mtime_ns == t for n, t in first.items())
+    # the search still pays for all four, wherever and whenever they ran
+    assert meter.stages["search"].proxy_runs == 4
+    assert meter.stages["search"].flops == pytest.approx(sum(r["cost"]["flops"] for r in recs))
+
+    # the same folders asked for other mixtures: refused, nothing silently reused
+    with meter.stage("again"), pytest.raises(UserError, match="another mixture"):
+        pipeline.proxy_runner(cfg, corpus, objective, meter, tmp_path)(list(reversed(ws)), "r")
+
+
+def test_local_processes_match_in_process(setup, tmp_path):
+    """Worker processes (one thread each) give the same proxies as this process."""
+    cfg, corpus, objective = setup("executor=local", "executor.workers=2")
+    ws = mixtures(corpus.sources, 2)
+    meter = CostMeter(torch.device("cpu"))
+    with meter.stage("search"):
+        here = pipeline.proxy_runner(setup()[0], corpus, objective, meter, tmp_path / "a")(ws, "x")
+        there = pipeline.proxy_runner(cfg, corpus, objective, meter, tmp_path / "b")(ws, "x")
+    assert [r["objective"] for r in there] == pytest.approx([r["objective"] for r in here], rel=1e-4)
+    assert meter.stages["search"].proxy_runs == 4
+
+
+def test_unknown_executor_and_missing_sbatch(setup, tmp_path, monkeypatch):
+    from fastmix.fanout import make_executor
+    from omegaconf import OmegaConf
+    with pytest.raises(UserError, match="executor 'bogus' is unknown"):
+        make_executor(OmegaConf.create({"name": "bogus"}), tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    cfg, _, _ = setup("executor=slurm")
+    with pytest.raises(UserError, match="sbatch"):
+        make_executor(cfg.executor, tmp_path)
