@@ -37,11 +37,17 @@ def new_model(corpus: Corpus, shape: DictConfig, seed: int):
 
 def train_on_mixture(corpus: Corpus, run_cfg: DictConfig, weights: dict[str, float], out_dir: Path,
                      device: torch.device, meter: CostMeter, seed: int, weighted: bool = False,
-                     hook=None, hook_every: int = 1, desc: str = "train", progress: bool = True):
+                     hook=None, hook_every: int = 1, desc: str = "train", progress: bool = True,
+                     init_from: Path | None = None):
     """Train a fresh model of `run_cfg.model` on a mixture through the one loop.
     weighted=False: sources sampled by w. weighted=True: sampled uniformly, loss
-    weighted by w (FastMix, DoReMi). Returns (model, last metrics)."""
+    weighted by w (FastMix, DoReMi). `init_from`: start from a saved model's
+    weights instead (DeMix's components continue one shared base). Returns
+    (model, last metrics)."""
     model = new_model(corpus, run_cfg.model, seed)
+    if init_from is not None:
+        from transformers import AutoModelForCausalLM
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(init_from).state_dict())
     arrays = {s: corpus.tokens[s]["train"] for s in corpus.sources}
     masks = {s: corpus.mask(s, "train") for s in corpus.sources}
     sampler = MixtureSampler(arrays, run_cfg.model.context, run_cfg.batch_size, seed,
@@ -67,6 +73,9 @@ class ProxyJob:
     weights: dict[str, float]
     out_dir: str  # absolute: the unit may run in another process or on another node
     seed: int
+    init_from: str | None = None  # a saved model to continue from (DeMix's components)
+    keep_model: bool = False  # save the trained proxy to <out_dir>/model (MixMin, DeMix score them later)
+    tokens: int | None = None  # this run's token budget, if not the proxy config's
 
 
 class ProxyUnit:
@@ -103,16 +112,22 @@ class ProxyUnit:
         if self.threads:
             set_threads(self.threads)
         cfg = OmegaConf.create(self.cfg)
+        if job.tokens is not None:
+            cfg.proxy.tokens = job.tokens
         corpus, objective = self._load()
         device = resolve_device(cfg.device)
         meter = CostMeter(device)
         with meter.stage("proxy"):
             meter.add_proxy_run()
             model, _ = train_on_mixture(corpus, cfg.proxy, job.weights, out, device, meter, job.seed,
-                                        desc=f"proxy {job.tag}/{job.index}", progress=False)
+                                        desc=f"proxy {job.tag}/{job.index}", progress=False,
+                                        init_from=Path(job.init_from) if job.init_from else None)
             value = objective.loss(model, device, meter, cfg.proxy.precision)
         record = {"index": job.index, "tag": job.tag, "weights": job.weights, "objective": value,
                   "cost": meter.stages["proxy"].to_dict(), "seed": job.seed, "dir": str(out)}
+        if job.keep_model:
+            model.save_pretrained(out / "model")  # before the record: a record means the model is there
+            record["model_dir"] = str(out / "model")
         records.write_json(record_path, record)
         (out / "checkpoint.pt").unlink(missing_ok=True)  # a paper-scale proxy checkpoint is ~300 MB
         return record
@@ -127,8 +142,10 @@ def proxy_runner(cfg: DictConfig, corpus: Corpus, objective, meter: CostMeter, f
     if executor.name == "inprocess":
         unit._loaded = corpus, objective  # already in memory
 
-    def run_proxies(weights_list: list[dict[str, float]], tag: str) -> list[dict]:
-        jobs = [ProxyJob(i, tag, {k: float(v) for k, v in w.items()}, str(folder / f"{tag}_{i:04d}"), cfg.seed)
+    def run_proxies(weights_list: list[dict[str, float]], tag: str, init_from: str | Path | None = None,
+                    keep_model: bool = False, tokens: int | None = None) -> list[dict]:
+        jobs = [ProxyJob(i, tag, {k: float(v) for k, v in w.items()}, str(folder / f"{tag}_{i:04d}"), cfg.seed,
+                         None if init_from is None else str(init_from), keep_model, tokens)
                 for i, w in enumerate(weights_list)]
         log.info("%s: %d proxy runs (%s executor)", tag, len(jobs), executor.name)
         with meter.elsewhere():

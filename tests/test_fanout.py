@@ -114,3 +114,22 @@ def test_unknown_executor_and_missing_sbatch(setup, tmp_path, monkeypatch):
     cfg, _, _ = setup("executor=slurm")
     with pytest.raises(UserError, match="sbatch"):
         make_executor(cfg.executor, tmp_path)
+
+
+def test_keep_model_and_continue_from_it(setup, tmp_path):
+    """MixMin/DeMix need the proxies themselves: keep_model saves each one, and
+    init_from continues a saved model (with lr 0 the continued model is the base)."""
+    from transformers import AutoModelForCausalLM
+    cfg, corpus, objective = setup()
+    meter = CostMeter(torch.device("cpu"))
+    w = mixtures(corpus.sources, 1)
+    with meter.stage("search"):
+        (base,) = pipeline.proxy_runner(cfg, corpus, objective, meter, tmp_path)(w, "base", keep_model=True)
+        frozen, _, _ = setup("proxy.lr=0")
+        (cont,) = pipeline.proxy_runner(frozen, corpus, objective, meter, tmp_path)(
+            w, "cont", init_from=base["model_dir"], keep_model=True, tokens=512)
+    a = AutoModelForCausalLM.from_pretrained(base["model_dir"]).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(cont["model_dir"]).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert cont["objective"] == pytest.approx(base["objective"], rel=1e-5)
+    assert cont["cost"]["tokens"] < base["cost"]["tokens"]  # the continuation's own, smaller budget
