@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -167,8 +168,14 @@ def search_corpus(optimizer, corpus: Corpus, cfg: DictConfig) -> Corpus:
 def build_optimizer(opt_cfg: DictConfig):
     """`conf/optimizer/<name>.yaml` is flat (`_target_`, `name`, the method's
     parameters) so a sweep overrides `optimizer.lr=...`; `name` is a label."""
-    params = {k: v for k, v in OmegaConf.to_container(opt_cfg).items() if k != "name"}
-    return instantiate(params, _convert_="all")
+    # resolved here: `scale: ${scale}` points at the job config's root
+    params = {k: v for k, v in OmegaConf.to_container(opt_cfg, resolve=True).items() if k != "name"}
+    try:
+        return instantiate(params, _convert_="all")
+    except InstantiationException as e:  # Hydra wraps the method's own bad-input message
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
 
 
 def run_search(cfg: DictConfig, optimizer, corpus: Corpus, objective, meter: CostMeter, device,

@@ -235,7 +235,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(cycle_reference, tmp_
 
 # ---------------------------------------------------------------- end to end
 def test_search_end_to_end(smoke_args, tiny_corpus, tmp_path):
-    r = run_cli(smoke_args + ["optimizer=doremi"], cwd=tmp_path)
+    r = run_cli(smoke_args + ["optimizer=doremi", "eval=loss"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = list((tmp_path / "outputs" / "runs").iterdir())
     mix = json.loads((run / "mixture.json").read_text())

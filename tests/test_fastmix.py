@@ -106,7 +106,7 @@ def test_search_favours_the_objective_source(smoke_args, tmp_path):
     """Sources of clearly different kinds, objective = the math source's
     validation text: FastMix's weight on math ends largest."""
     r = run_cli(smoke_args + ["optimizer=fastmix", "optimizer.outer_every=2", "proxy.tokens=40000",
-                              "objective.weights={math: 1}", "train.tokens=5000"], cwd=tmp_path)
+                              "objective.weights={math: 1}", "train.tokens=5000", "eval=loss"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = list((tmp_path / "outputs" / "runs").iterdir())
     w = json.loads((run / "mixture.json").read_text())["weights"]

@@ -82,6 +82,9 @@ def bad_weights(sources, kind):
     ("sum", "sum to"),
     ("unknown", "klingon"),
     ("no_weights", "needs optimizer.weights"),
+    ("unknown_scale", "use one of"),
+    ("too_few_proxies", "n_proxies"),
+    ("unknown_executor", "executor/bogus"),
 ])
 def test_bad_input_stops_cleanly(case, message, smoke_args, tiny_corpus, tmp_path):
     sources = sorted(p.name for p in tiny_corpus.iterdir())
@@ -91,9 +94,29 @@ def test_bad_input_stops_cleanly(case, message, smoke_args, tiny_corpus, tmp_pat
         "config_typo": ["proxy.lrr=0.1"],
         "unknown_source": [f"data.sources=[{sources[0]},klingon]"],
         "no_weights": ["optimizer=fixed"],
+        "unknown_scale": ["optimizer=regmix", "scale=huge"],
+        "too_few_proxies": ["optimizer=regmix", "optimizer.smoke.n_proxies=1"],
+        "unknown_executor": ["optimizer=regmix", "executor=bogus"],
     }.get(case) or bad_weights(sources, case)
     r = run_cli(smoke_args + extra, cwd=tmp_path)
     assert r.returncode != 0
     assert message in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr  # one message, not a stack trace
     assert no_done_anywhere(tmp_path)
+
+
+@pytest.mark.parametrize("method,runs", [("regmix", 4), ("climb", 3 + 2 + 2)])
+def test_many_proxy_methods_end_to_end(smoke_args, tmp_path, method, runs):
+    """RegMix and CLIMB at smoke scale: every proxy is traced with its mixture,
+    objective and cost, and the search pays exactly the sum of its proxies."""
+    r = run_cli(smoke_args + [f"optimizer={method}", "eval=loss"], cwd=tmp_path)  # lm-eval: tested once above
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = list((tmp_path / "outputs" / "runs").iterdir())
+    res = json.loads((run / "result.json").read_text())
+    assert math.isclose(sum(res["weights"].values()), 1.0, abs_tol=1e-6)
+    proxies = [json.loads(x) for x in (run / "search_trace.jsonl").read_text().splitlines()
+               if json.loads(x).get("kind") == "proxy"]
+    assert len(proxies) == runs == res["search_cost"]["proxy_runs"]
+    assert all(math.isfinite(p["objective"]) and set(p["weights"]) == set(res["weights"]) for p in proxies)
+    assert res["search_cost"]["flops"] == pytest.approx(sum(p["cost"]["flops"] for p in proxies))
+    assert len(list((run / "search" / "proxies").glob("*/record.json"))) == runs
