@@ -34,6 +34,7 @@ import numpy as np
 
 from baselines.regmix import (GENERATOR_DEFAULTS, Regressor, check_generator, dirichlet_mixtures, pick_preset,
                               renormalise, spearman, top_k_mean)
+from fastmix.cost import Cost, device_name
 from fastmix.errors import UserError
 from fastmix.optimizer import SearchContext, SearchResult
 
@@ -83,14 +84,20 @@ class Climb:
         self.clustering_params = {k: v for k, v in self.clustering.items() if k != "enabled"}
         Regressor(regressor)  # an unknown regressor fails at build time, before any proxy trains
 
-    def prepare_corpus(self, corpus, cfg=None):
+    def prepare_corpus(self, corpus, cfg=None, meter=None):
         """The corpus to search over: unchanged, or its clusters (Sec. 3.1) when
         `clustering.enabled` is true (the embedding stack is imported only then).
-        `cfg` is the job config; its `data` block says where clusters are cached."""
+        `cfg` is the job config; its `data` block says where clusters are cached.
+        Given a meter, the clustering's recorded cost (embedding FLOPs, build
+        time) is charged to the search, also when the clusters come from the cache."""
         if not self.clustering.get("enabled", False):
             return corpus
         from baselines.clustering import cluster_corpus
-        return cluster_corpus(corpus, None if cfg is None else cfg.get("data"), **self.clustering_params)
+        clustered = cluster_corpus(corpus, None if cfg is None else cfg.get("data"), **self.clustering_params)
+        if meter is not None:
+            cost = clustered.meta["clustering"]["cost"]
+            meter.add(Cost(wall_seconds=cost["seconds"], device=device_name(meter.device), flops=cost["flops"]))
+        return clustered
 
     def _fit(self, X, y, seed: int) -> Regressor:
         # no early stopping: 64 runs leave too few to hold out; the shallow trees regularise

@@ -64,7 +64,7 @@ def paper_proxy_flops() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", nargs="+", default=["fastmix", "regmix", "climb", "doremi"])
+    ap.add_argument("--methods", nargs="+", default="fastmix regmix climb doremi mixmin demix".split())
     ap.add_argument("--scale", default="demo")
     ap.add_argument("--out", default=None, help="keep the search folders here (default: a temp dir)")
     ap.add_argument("overrides", nargs="*")
@@ -108,7 +108,8 @@ def main() -> None:
           f"({one_proxy:.3g} FLOPs per plain proxy run), {len(corpus.sources)} sources; multiples of {ref}")
     cols = ["proxy_runs", "tokens", "flops", "device_hours", "x_flops", "x_device_hours",
             "paper_proxy_runs", "paper_flops", "paper_x_flops", "paper_claim"]
-    with pd.option_context("display.width", 200, "display.float_format", "{:.3g}".format):
+    with pd.option_context("display.width", 250, "display.max_colwidth", None,
+                           "display.float_format", "{:.3g}".format):
         print(df[cols].to_string())
         print("\nmixtures:\n" + df["weights"].to_string())
 

@@ -338,15 +338,37 @@ def _open(root: Path, meta: dict, tokenizer) -> Corpus:
     return Corpus(root, tokenizer, tokens, starts, meta, masks)
 
 
+def open_corpus(root: Path, tokenizer=None) -> Corpus:
+    """A finished cache folder (meta.json, token files, tokenizer/) as a Corpus;
+    `tokenizer` reuses one already in memory instead of loading tokenizer/."""
+    meta = json.loads((Path(root) / "meta.json").read_text())
+    if tokenizer is None:
+        from transformers import PreTrainedTokenizerFast
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(Path(root) / "tokenizer"))
+    return _open(Path(root), meta, tokenizer)
+
+
+def write_split(folder: Path, name: str, split: str, flat: np.ndarray, mask: np.ndarray | None,
+                lengths: np.ndarray) -> dict:
+    """Write one source's split in the layout `_open` reads (tokens, loss mask,
+    document offsets); returns its meta.json entry. Other builders of a corpus
+    (e.g. CLIMB's clusters) write through this, so there is one on-disk format."""
+    flat.tofile(folder / f"{name}.{split}.bin")
+    if mask is not None:
+        mask.tofile(folder / f"{name}.{split}.mask.bin")
+    # a split may hold no document (a CLIMB cluster's val split, say): then no offsets either
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0)
+    np.save(folder / f"{name}.{split}.docs.npy", starts.astype(np.int64))
+    return {"documents": len(lengths), "tokens": len(flat), "masked": mask is not None}
+
+
 def prepare_corpus(data_cfg) -> Corpus:
     """Tokenize every source once (or reuse the cache) and open the token arrays."""
     specs = discover_sources(data_cfg)
     cache_dir = abspath(data_cfg.cache_dir)
     root = cache_dir / _cache_key(specs, data_cfg)
     if (root / "meta.json").exists():
-        meta = json.loads((root / "meta.json").read_text())
-        from transformers import PreTrainedTokenizerFast
-        return _open(root, meta, PreTrainedTokenizerFast.from_pretrained(str(root / "tokenizer")))
+        return open_corpus(root)
 
     docs = {n: cap_documents(iter_documents(s), data_cfg.get("max_bytes_per_source")) for n, s in specs.items()}
     for n, d in docs.items():
@@ -372,12 +394,7 @@ def prepare_corpus(data_cfg) -> Corpus:
                 flat, mask, lengths = tokenize_documents(tokenizer, parts[split], dtype)
                 if split == "train" and len(flat) == 0:
                     raise UserError(f"source '{name}' has no tokens; add text to it.")
-                flat.tofile(tmp / f"{name}.{split}.bin")
-                if mask is not None:
-                    mask.tofile(tmp / f"{name}.{split}.mask.bin")
-                np.save(tmp / f"{name}.{split}.docs.npy", np.concatenate([[0], np.cumsum(lengths)[:-1]]))
-                meta["sources"][name][split] = {"documents": len(lengths), "tokens": int(len(flat)),
-                                                 "masked": mask is not None}
+                meta["sources"][name][split] = write_split(tmp, name, split, flat, mask, lengths)
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return prepare_corpus(data_cfg)

@@ -157,12 +157,19 @@ def proxy_runner(cfg: DictConfig, corpus: Corpus, objective, meter: CostMeter, f
     return run_proxies
 
 
-def search_corpus(optimizer, corpus: Corpus, cfg: DictConfig) -> Corpus:
+def search_corpus(optimizer, corpus: Corpus, cfg: DictConfig, meter: CostMeter | None = None) -> Corpus:
     """The sources a method searches over and the target trains on: the data's
     own, unless the method regroups them first (CLIMB's clustering stage). The
-    objective and the per-source validation losses stay on the original data."""
+    objective and the per-source validation losses stay on the original data.
+    Given a meter, the method charges the regrouping's recorded cost to it (the
+    same on a cache hit: every job that uses the clusters pays for them once)."""
     prepare = getattr(optimizer, "prepare_corpus", None)
-    return prepare(corpus, cfg) if prepare is not None else corpus
+    if prepare is None:
+        return corpus
+    if meter is None:
+        return prepare(corpus, cfg)
+    with meter.elsewhere():
+        return prepare(corpus, cfg, meter)
 
 
 def build_optimizer(opt_cfg: DictConfig):
@@ -183,7 +190,7 @@ def run_search(cfg: DictConfig, optimizer, corpus: Corpus, objective, meter: Cos
     """The search stage: (the sources searched over, the validated result). Every
     proxy is paid for through `meter`'s search stage, in process or fanned out."""
     with meter.stage("search"):
-        sources = search_corpus(optimizer, corpus, cfg)  # = corpus unless the method regroups it
+        sources = search_corpus(optimizer, corpus, cfg, meter)  # = corpus unless the method regroups it
 
         def train_proxy(weights, out_dir, seed=cfg.seed, **kw):
             meter.add_proxy_run()

@@ -113,3 +113,24 @@ def test_smoke_preset_searches(tmp_path):
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(UserError, match=key):
         build(["optimizer=climb", "scale=smoke", override])
+
+
+def test_clusters_become_the_sources_end_to_end(smoke_args, tmp_path):
+    """CLIMB's clustering stage with the real offline embedder: the search and the
+    target train on clusters, the per-source validation loss stays on the original
+    sources, and the clustering's cost is part of the search's."""
+    from conftest import run_cli
+    r = run_cli(smoke_args + ["optimizer=climb", "eval=loss", "optimizer.clustering.enabled=true",
+                              "optimizer.clustering.kmeans_k=6", "optimizer.clustering.n_clusters=3",
+                              "optimizer.clustering.max_docs_per_source=8", "optimizer.clustering.prune_min_docs=1",
+                              "optimizer.clustering.max_seq_length=64"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = list((tmp_path / "outputs" / "runs").iterdir())
+    res = json.loads((run / "result.json").read_text())
+    mix = json.loads((run / "mixture.json").read_text())
+    assert sorted(res["weights"]) == sorted(mix["sources"]) == ["cluster_00", "cluster_01", "cluster_02"]
+    assert not set(res["val_loss"]) & set(res["weights"])  # scored on the original sources
+    proxies = [json.loads(x) for x in (run / "search_trace.jsonl").read_text().splitlines()
+               if json.loads(x).get("kind") == "proxy"]
+    assert set(proxies[0]["weights"]) == set(res["weights"])
+    assert res["search_cost"]["flops"] > sum(p["cost"]["flops"] for p in proxies)  # + embedding FLOPs
