@@ -96,7 +96,9 @@ class Climb:
         clustered = cluster_corpus(corpus, None if cfg is None else cfg.get("data"), **self.clustering_params)
         if meter is not None:
             cost = clustered.meta["clustering"]["cost"]
-            meter.add(Cost(wall_seconds=cost["seconds"], device=device_name(meter.device), flops=cost["flops"]))
+            charge = Cost(device=device_name(meter.device), devices=meter.devices, flops=cost["flops"])
+            charge.add_time(cost["seconds"], meter.devices)
+            meter.add(charge)
         return clustered
 
     def _fit(self, X, y, seed: int) -> Regressor:

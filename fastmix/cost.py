@@ -5,10 +5,15 @@ FLOP rule (write-down of DESIGN.md's): training a model on D tokens costs
 parameter except the input-embedding table (the LM head counts; see
 `fastmix.models.flop_params`). Attention's T^2 term is left out, as in the
 RegMix and Chinchilla accounting, so costs stay comparable with the papers.
-device_hours = wall_seconds * devices / 3600.
+device_hours = sum over the work of seconds x devices / 3600, where `devices`
+is the number of GPUs, or on CPU the share of the machine's cores the process
+used (torch threads / cores). So two 1-thread proxies side by side on a 2-core
+machine pay what one 2-thread proxy pays in the same time, and a search's
+device-hours do not depend on the executor that ran its proxies.
 """
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -28,28 +33,37 @@ def device_name(device: torch.device) -> str:
 class Cost:
     wall_seconds: float = 0.0
     device: str = "cpu"
-    devices: int = 1
+    devices: float = 1.0  # GPUs; on CPU the share of the cores used (see the module docstring)
     flops: float = 0.0
     tokens: int = 0
     proxy_runs: int = 0
     peak_memory_bytes: int = 0
+    device_hours: float = 0.0  # summed as work is charged: seconds x devices / 3600
 
-    @property
-    def device_hours(self) -> float:
-        return self.wall_seconds * self.devices / 3600
+    def add_time(self, seconds: float, devices: float) -> None:
+        self.wall_seconds += seconds
+        self.device_hours += seconds * devices / 3600
 
     def __add__(self, other: "Cost") -> "Cost":
         return Cost(self.wall_seconds + other.wall_seconds, self.device or other.device,
                     max(self.devices, other.devices), self.flops + other.flops,
                     self.tokens + other.tokens, self.proxy_runs + other.proxy_runs,
-                    max(self.peak_memory_bytes, other.peak_memory_bytes))
+                    max(self.peak_memory_bytes, other.peak_memory_bytes),
+                    self.device_hours + other.device_hours)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "device_hours": self.device_hours}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Cost":
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+def devices_in_use(device: torch.device) -> float:
+    """1 per GPU; on CPU, the share of this process's cores that torch uses."""
+    if device.type != "cpu":
+        return 1.0
+    return min(1.0, torch.get_num_threads() / len(os.sched_getaffinity(0)))
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -65,11 +79,13 @@ class CostMeter:
     """Accumulates a `Cost` per stage (search, train, eval). Work is charged to
     the stage that is open; wall time is the time the stage was open."""
 
-    def __init__(self, device: torch.device, devices: int = 1):
+    def __init__(self, device: torch.device, devices: float | None = None):
         self.device = device
+        self.devices = devices_in_use(device) if devices is None else devices  # set threads first
         self.stages: dict[str, Cost] = {}
         self._open: str | None = None
-        self._template = Cost(device=device_name(device), devices=devices)
+        self.template_device = device_name(device)
+        self._template = Cost(device=self.template_device, devices=self.devices)
 
     @contextmanager
     def stage(self, name: str):
@@ -83,7 +99,7 @@ class CostMeter:
             yield self.stages[name]
         finally:
             c = self.stages[name]
-            c.wall_seconds += time.perf_counter() - start
+            c.add_time(time.perf_counter() - start, self.devices)
             c.peak_memory_bytes = max(c.peak_memory_bytes, peak_memory_bytes(self.device))
             self._open = None
 
@@ -96,7 +112,7 @@ class CostMeter:
         try:
             yield
         finally:
-            self._current().wall_seconds -= time.perf_counter() - start
+            self._current().add_time(-(time.perf_counter() - start), self.devices)
 
     def _current(self) -> Cost:
         if self._open is None:

@@ -152,7 +152,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
             s, self.total_steps, cfg.warmup_steps, cfg.schedule, cfg.get("min_lr_ratio", 0.1)))
         self.step = self.micro_step = 0
-        self.cost = Cost()  # this run's own work, kept across resumes
+        self.cost = Cost(device=meter.template_device, devices=meter.devices)  # this run's own work,
+        # kept across resumes
         self.ckpt_path = self.out_dir / "checkpoint.pt"
         self.metrics_path = self.out_dir / "metrics.jsonl"
 
@@ -265,7 +266,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss_sum:.3f}")
                 if self.step % self.cfg.ckpt_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
-                    self.cost.wall_seconds += now - t0
+                    self.cost.add_time(now - t0, self.meter.devices)
                     t0 = now
                     self.save_checkpoint()
                 if stop_after is not None and self.step >= stop_after:

@@ -2,6 +2,7 @@
 interrupted search without re-training finished proxies, and the executors."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -103,6 +104,11 @@ def test_local_processes_match_in_process(setup, tmp_path):
         there = pipeline.proxy_runner(cfg, corpus, objective, meter, tmp_path / "b")(ws, "x")
     assert [r["objective"] for r in there] == pytest.approx([r["objective"] for r in here], rel=1e-4)
     assert meter.stages["search"].proxy_runs == 4
+    # a 1-thread worker on a 2-core machine uses half of it: device-hours count that share
+    share = 1 / len(os.sched_getaffinity(0))
+    for r in there:
+        assert r["cost"]["devices"] == pytest.approx(share)
+        assert r["cost"]["device_hours"] == pytest.approx(r["cost"]["wall_seconds"] * share / 3600)
 
 
 def test_unknown_executor_and_missing_sbatch(setup, tmp_path, monkeypatch):
