@@ -1,7 +1,7 @@
 """What each mixture search costs, side by side, measured in one run on the same
 data, proxy and objective (a benchmark that prints numbers, not a test).
 
-    python bench/compare_methods.py [--methods fastmix regmix climb doremi] [--scale demo] [overrides...]
+    python bench/compare_methods.py [--methods fastmix regmix climb doremi mixmin demix] [--scale demo] [overrides...]
 
 Every method searches at the given scale (`demo`: 2 CPU cores) through the one
 training loop and the one cost meter (`fastmix.pipeline.run_search`, the same

@@ -1,0 +1,236 @@
+"""MixMin: the mixture as a convex minimisation over per-source proxy models.
+
+Implements MixMin (Thudi et al., arXiv 2502.10510, ICML 2025): for
+cross-entropy, as the model class grows, the best model of a mixture is the
+mixture of the per-source models, so the bi-level problem becomes the convex
+L(w) below, minimised by entropic descent on the simplex. Section numbers are
+not cited (the paper's text was not at hand); every value below is checked
+against the public code (Anvith-Thudi/MixMin, LLM_DataMixing/mixmin_gen.py and
+logprobs.py):
+
+* One proxy per source (K runs, one-hot mixtures) through `ctx.run_proxies`,
+  each kept on disk (`keep_model`) to be scored.
+* Scoring (logprobs.py): for every objective row n and proxy k the row's
+  *total* log-likelihood l_{k,n} (sum over its counted target tokens) and its
+  length len_n (number of counted tokens). One forward per proxy over the
+  objective rows, charged as 2·N·tokens.
+* L(w) = -sum_n c_n [log sum_k w_k exp(l_{k,n})] / len_n: the length divides
+  outside the log-sum-exp (mixmin_gen.py `loss_fn`: logsumexp with b = w,
+  then / lengths, then -mean). c_n = 1/N with one objective group (the public
+  code exactly); with weighted groups c_n = w_g / N_g, so each group counts
+  with its objective weight, as in `Objective.loss`.
+* Entropic mirror descent (`update_with_stop`): w <- w exp(-eta grad) /
+  normaliser, eta = 1, from uniform, at most 100 steps; the step's gradient is
+  taken at the current w, the update applied, then the loop stops if
+  max |grad| < 1e-4 (so the last update is always applied, as in the code).
+* The fit uses a seeded random 80% of the rows (public code: a Bernoulli(0.8)
+  mask); the other 20% give the held-out loss of the output, of uniform and of
+  each proxy alone (the code's "Group Model Losses" / "MixMin Ensemble Loss").
+
+Choices left open (docs/DECISIONS.md, "MixMin"): the split is stratified per
+objective group with exactly round(20%) held out of each; `stop_rule:
+centered` (beyond the code) tests the gradient minus its w-weighted mean,
+which vanishes at an interior optimum, where the raw gradient is -sum c/len.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from fastmix.errors import UserError
+from fastmix.models import flop_params
+from fastmix.optimizer import SearchContext, SearchResult
+from fastmix.sampling import Batch
+from fastmix.train import token_losses
+
+STOP_RULES = ("raw", "centered")
+
+
+# ---- the convex objective and its optimiser (numpy, float64) ---------------------------------
+
+def _log_mix(w: np.ndarray, ll: np.ndarray) -> np.ndarray:
+    """log sum_k w_k exp(l_kn) [N], shifted by each row's max so total log-likelihoods
+    of -10^4 do not underflow."""
+    with np.errstate(divide="ignore"):
+        a = ll + np.log(w)[:, None]  # log w_k = -inf for a weight of 0 (a one-hot w): that term drops
+    top = a.max(axis=0)
+    return top + np.log(np.exp(a - top).sum(axis=0))
+
+
+def mixmin_loss(w, ll, lengths, c=None) -> float:
+    """L(w) = -sum_n c_n log(sum_k w_k exp(l_kn)) / len_n; c = 1/N by default (public code)."""
+    ll, lengths = np.asarray(ll, dtype=np.float64), np.asarray(lengths, dtype=np.float64)
+    c = np.full(ll.shape[1], 1.0 / ll.shape[1]) if c is None else np.asarray(c, dtype=np.float64)
+    return float(-(c * _log_mix(np.asarray(w, dtype=np.float64), ll) / lengths).sum())
+
+
+def mixmin_grad(w, ll, lengths, c=None) -> np.ndarray:
+    """dL/dw_k = -sum_n c_n exp(l_kn - lse_n) / len_n (the raw gradient, as jax.grad gives)."""
+    ll, lengths = np.asarray(ll, dtype=np.float64), np.asarray(lengths, dtype=np.float64)
+    c = np.full(ll.shape[1], 1.0 / ll.shape[1]) if c is None else np.asarray(c, dtype=np.float64)
+    with np.errstate(over="ignore"):  # only a weight of 0 can overflow (ratio <= 1 / w_k otherwise)
+        ratio = np.exp(ll - _log_mix(np.asarray(w, dtype=np.float64), ll))
+    return -(ratio * (c / lengths)[None, :]).sum(axis=1)
+
+
+def centered_grad(w: np.ndarray, g: np.ndarray) -> float:
+    """max |g_k - <w, g>| over the weights > 0: 0 at an optimum inside the simplex (the
+    raw gradient is -sum_n c_n / len_n there), the `centered` stopping rule."""
+    on = w > 0
+    return float(np.abs(g[on] - w[on] @ g[on]).max())
+
+
+def mirror_descent(ll, lengths, c=None, eta: float = 1.0, max_steps: int = 100, tol: float = 1e-4,
+                   stop_rule: str = "raw") -> tuple[np.ndarray, list[dict]]:
+    """Entropic mirror descent from uniform (mixmin_gen.py's loop). Returns (w, one row
+    per step: the loss and gradient at the step's w, then the final w's loss)."""
+    ll = np.asarray(ll, dtype=np.float64)
+    K = ll.shape[0]
+    w = np.full(K, 1.0 / K)
+    rows, t, stop = [], 0, "max_steps"
+    while t < max_steps:
+        g = mixmin_grad(w, ll, lengths, c)
+        crit = np.abs(g).max() if stop_rule == "raw" else centered_grad(w, g)
+        rows.append({"step": t, "loss": mixmin_loss(w, ll, lengths, c), "weights": w.tolist(),
+                     "max_abs_grad": float(np.abs(g).max()), "stop_criterion": float(crit)})
+        # w * exp(-eta g) / normaliser, in log space: a large g on a tiny weight cannot overflow
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.where(w > 0, np.log(w) - eta * g, -np.inf)  # a weight of 0 stays 0
+        w = np.exp(z - z.max())
+        w /= w.sum()
+        t += 1
+        if crit < tol:  # checked after the update, as the public code does
+            stop = "tolerance"
+            break
+    rows.append({"step": t, "loss": mixmin_loss(w, ll, lengths, c), "weights": w.tolist(), "stopped": stop})
+    return w, rows
+
+
+# ---- scoring the objective rows with each proxy ------------------------------------------------
+
+@torch.no_grad()
+def row_logliks(model, rows: dict, device, meter=None, precision: str = "bf16",
+                batch_size: int = 16) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """group -> (total log-likelihood of each row over its counted tokens, their number),
+    float64. The same forward and token losses as `Objective.loss`, kept per row."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for g, (ids, mask) in rows.items():
+        ll, n = [], []
+        for i in range(0, len(ids), batch_size):
+            b = Batch(ids[i:i + batch_size], torch.zeros(0), torch.ones(0),
+                      None if mask is None else mask[i:i + batch_size])
+            tl = token_losses(model, b, device, precision).double()
+            m = torch.ones_like(tl) if b.loss_mask is None else b.loss_mask.to(tl.device).double()
+            ll.append((-(tl * m).sum(1)).cpu().numpy())
+            n.append(m.sum(1).cpu().numpy())
+            if meter is not None:
+                meter.add_forward(flop_params(model), tl.numel())
+        out[g] = (np.concatenate(ll), np.concatenate(n))
+    model.train(was_training)
+    return out
+
+
+def split_rows(groups: dict[str, int], holdout: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """group -> bool mask of its held-out rows: round(holdout x N_g) of each group at random,
+    never all of them (a group must stay in the fit)."""
+    out = {}
+    for g, n in groups.items():
+        k = min(int(round(holdout * n)), n - 1)
+        m = np.zeros(n, dtype=bool)
+        m[rng.permutation(n)[:k]] = True
+        out[g] = m
+    return out
+
+
+def stack_rows(per_source: list[dict], group_weights: dict[str, float], pick: dict[str, np.ndarray]):
+    """(l [K, N], len [N], c [N]) over the picked rows of every group; c_n = w_g / N_g,
+    renormalised over the groups present."""
+    ll, lens, c = [], [], []
+    for g, sel in pick.items():
+        if not sel.any():
+            continue
+        ll.append(np.stack([d[g][0][sel] for d in per_source]))
+        lens.append(per_source[0][g][1][sel])
+        c.append(np.full(int(sel.sum()), group_weights[g] / sel.sum()))
+    if not ll:
+        return None
+    c = np.concatenate(c)
+    return np.concatenate(ll, axis=1), np.concatenate(lens), c / c.sum()
+
+
+class MixMin:
+    name = "mixmin"
+
+    def __init__(self, eta: float = 1.0, max_steps: int = 100, tol: float = 1e-4, stop_rule: str = "raw",
+                 holdout: float = 0.2, proxy_tokens: int | None = None, batch_size: int | None = None):
+        if not (math.isfinite(eta) and eta > 0):
+            raise UserError(f"optimizer.eta must be a finite number > 0, got {eta}.")
+        if int(max_steps) < 1:
+            raise UserError(f"optimizer.max_steps must be >= 1, got {max_steps}.")
+        if not tol >= 0:
+            raise UserError(f"optimizer.tol must be >= 0, got {tol}.")
+        if stop_rule not in STOP_RULES:
+            raise UserError(f"optimizer.stop_rule '{stop_rule}' is unknown: use {' or '.join(STOP_RULES)}.")
+        if not 0 <= holdout < 1:
+            raise UserError(f"optimizer.holdout must be in [0, 1), got {holdout}.")
+        if proxy_tokens is not None and int(proxy_tokens) < 1:
+            raise UserError(f"optimizer.proxy_tokens must be >= 1 or null, got {proxy_tokens}.")
+        self.eta, self.max_steps, self.tol, self.stop_rule = float(eta), int(max_steps), float(tol), stop_rule
+        self.holdout = float(holdout)
+        self.proxy_tokens = None if proxy_tokens is None else int(proxy_tokens)
+        self.batch_size = batch_size
+
+    def planned_proxy_runs(self, n_sources: int) -> int:
+        return n_sources  # one proxy per source
+
+    def search(self, ctx: SearchContext) -> SearchResult:
+        from transformers import AutoModelForCausalLM
+        sources = list(ctx.sources)
+        K = len(sources)
+        onehots = [{s: float(s == k) for s in sources} for k in sources]
+        records = ctx.run_proxies(onehots, "mixmin", keep_model=True, tokens=self.proxy_tokens)
+        device = ctx.meter.device
+        precision = ctx.cfg.proxy.precision if ctx.cfg is not None else "bf16"
+        objective = ctx.objective
+        bs = self.batch_size or getattr(objective, "batch_size", 16)
+        per_source = []
+        for r in records:  # one scoring pass over the objective per proxy, charged as forward work
+            model = AutoModelForCausalLM.from_pretrained(r["model_dir"]).to(device)
+            rows = objective.rows(model.config.max_position_embeddings)
+            per_source.append(row_logliks(model, rows, device, ctx.meter, precision, bs))
+            del model
+        # rows with no counted token (an empty answer) have no per-token likelihood: left out
+        keep = {g: per_source[0][g][1] > 0 for g in per_source[0]}
+        for d in per_source:
+            for g in d:
+                d[g] = (d[g][0][keep[g]], d[g][1][keep[g]])
+        sizes = {g: int(m.sum()) for g, m in keep.items() if m.sum() > 0}
+        if not sizes:
+            raise UserError("the objective has no row with a counted token: MixMin has nothing to fit.")
+        gw = {g: float(objective.weights[g]) for g in sizes}
+        held = split_rows(sizes, self.holdout, np.random.default_rng(ctx.seed))
+        fit = stack_rows(per_source, gw, {g: ~m for g, m in held.items()})
+        test = stack_rows(per_source, gw, held)
+        w, curve = mirror_descent(*fit, eta=self.eta, max_steps=self.max_steps, tol=self.tol,
+                                  stop_rule=self.stop_rule)
+        w = w / w.sum()
+        trace = [{"kind": "proxy", **r} for r in records]
+        trace += [{"kind": "mirror_descent", **row} for row in curve]
+        info = {"steps": curve[-1]["step"], "stopped": curve[-1]["stopped"], "fit_loss": curve[-1]["loss"],
+                "fit_loss_uniform": curve[0]["loss"], "n_fit": int(len(fit[1])),
+                "n_heldout": 0 if test is None else int(len(test[1])), "eta": self.eta,
+                "stop_rule": self.stop_rule,
+                "final_centered_grad": centered_grad(w, mixmin_grad(w, *fit))}
+        if test is not None:
+            heldout = {"kind": "heldout", "n": int(len(test[1])), "loss": mixmin_loss(w, *test),
+                       "loss_uniform": mixmin_loss(np.full(K, 1.0 / K), *test),
+                       "loss_per_source": {s: mixmin_loss(np.eye(K)[k], *test)
+                                           for k, s in enumerate(sources)}}
+            trace.append(heldout)
+            info.update(heldout_loss=heldout["loss"], heldout_loss_uniform=heldout["loss_uniform"],
+                        heldout_loss_per_source=heldout["loss_per_source"])
+        return SearchResult(dict(zip(sources, map(float, w))), trace=trace, info=info)
