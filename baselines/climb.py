@@ -32,8 +32,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from baselines.regmix import (GENERATOR_DEFAULTS, Regressor, check_generator, dirichlet_mixtures, pick_preset,
-                              renormalise, spearman, top_k_mean)
+from baselines.regmix import (
+    GENERATOR_DEFAULTS,
+    Regressor,
+    check_generator,
+    dirichlet_mixtures,
+    pick_preset,
+    renormalise,
+    spearman,
+    top_k_mean,
+)
 from fastmix.cost import Cost, device_name
 from fastmix.errors import UserError
 from fastmix.optimizer import SearchContext, SearchResult
@@ -118,7 +126,7 @@ class Climb:
         share = ctx.token_share()
         prior = np.array([share[s] for s in sources])
         rng = np.random.default_rng(ctx.seed)
-        as_dicts = lambda W: [dict(zip(sources, map(float, w))) for w in W]  # noqa: E731
+        as_dicts = lambda W: [dict(zip(sources, map(float, w))) for w in W]
 
         X, y, trace = np.zeros((0, len(sources))), np.zeros(0), []
 

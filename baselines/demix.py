@@ -38,13 +38,20 @@ second round only).
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from baselines.regmix import (Regressor, as_prior, finish_mixtures, pick_preset, renormalise, spearman,
-                              strengths)
+from baselines.regmix import (
+    Regressor,
+    as_prior,
+    finish_mixtures,
+    pick_preset,
+    renormalise,
+    spearman,
+    strengths,
+)
 from fastmix.cost import Cost
 from fastmix.errors import UserError
 from fastmix.optimizer import SearchContext, SearchResult
@@ -246,7 +253,7 @@ class DeMix:
         K = len(sources)
         share = ctx.token_share()
         prior = np.array([share[s] for s in sources])
-        as_dict = lambda w: dict(zip(sources, map(float, w)))  # noqa: E731
+        as_dict = lambda w: dict(zip(sources, map(float, w)))
         base_w = share if self.base == "natural" else {s: 1.0 / K for s in sources}
         device = ctx.meter.device
         precision = ctx.cfg.proxy.precision if ctx.cfg is not None else "bf16"
@@ -306,7 +313,7 @@ class DeMix:
             choice["merged_objective"] = float(score(weights[None], self.rounds + 1, "merged_output")[0])
         trace.append(choice)
         best = int(np.nanargmin(y)) if np.isfinite(y).any() else 0
-        info = {"n0": self.n0, "rounds": self.rounds, "n_merged": int(len(y)), "n_candidates": int(len(pool)),
+        info = {"n0": self.n0, "rounds": self.rounds, "n_merged": len(y), "n_candidates": len(pool),
                 "top_k": self.top_k, "score": self.score, "regressor": reg_info, "base": self.base,
                 **{k: v for k, v in choice.items() if k not in ("kind", "weights")},
                 "best_merged": {"objective": float(y[best]), "weights": as_dict(X[best])},

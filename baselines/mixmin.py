@@ -221,12 +221,12 @@ class MixMin:
         trace = [{"kind": "proxy", **r} for r in records]
         trace += [{"kind": "mirror_descent", **row} for row in curve]
         info = {"steps": curve[-1]["step"], "stopped": curve[-1]["stopped"], "fit_loss": curve[-1]["loss"],
-                "fit_loss_uniform": curve[0]["loss"], "n_fit": int(len(fit[1])),
-                "n_heldout": 0 if test is None else int(len(test[1])), "eta": self.eta,
+                "fit_loss_uniform": curve[0]["loss"], "n_fit": len(fit[1]),
+                "n_heldout": 0 if test is None else len(test[1]), "eta": self.eta,
                 "stop_rule": self.stop_rule,
                 "final_centered_grad": centered_grad(w, mixmin_grad(w, *fit))}
         if test is not None:
-            heldout = {"kind": "heldout", "n": int(len(test[1])), "loss": mixmin_loss(w, *test),
+            heldout = {"kind": "heldout", "n": len(test[1]), "loss": mixmin_loss(w, *test),
                        "loss_uniform": mixmin_loss(np.full(K, 1.0 / K), *test),
                        "loss_per_source": {s: mixmin_loss(np.eye(K)[k], *test)
                                            for k, s in enumerate(sources)}}

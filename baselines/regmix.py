@@ -174,7 +174,7 @@ class Regressor:
              "n_jobs": 1, **self.params, **over}
         return lgb.LGBMRegressor(**p)
 
-    def fit(self, X, y, eval_set: tuple | None = None) -> "Regressor":
+    def fit(self, X, y, eval_set: tuple | None = None) -> Regressor:
         X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
         ok = np.isfinite(y)  # a diverged proxy (NaN loss) says nothing about its mixture: left out
         X, y, dropped = X[ok], y[ok], int((~ok).sum())

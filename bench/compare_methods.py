@@ -25,14 +25,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastmix.config import register_resolvers  # noqa: E402
+from fastmix.config import register_resolvers
 
 PAPER_VOCAB, PAPER_SOURCES = 50432, 17  # RegMix/FastMix: GPT-NeoX tokenizer, 17 Pile domains
 PAPER_CLAIMS = {"regmix": "55x (550x in one abstract)", "climb": "5.5x (55x in one abstract)"}
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
     from fastmix.config import CONF_DIR
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose("config", overrides=overrides)
@@ -64,7 +66,7 @@ def paper_proxy_flops() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", nargs="+", default="fastmix regmix climb doremi mixmin demix".split())
+    ap.add_argument("--methods", nargs="+", default=["fastmix", "regmix", "climb", "doremi", "mixmin", "demix"])
     ap.add_argument("--scale", default="demo")
     ap.add_argument("--out", default=None, help="keep the search folders here (default: a temp dir)")
     ap.add_argument("overrides", nargs="*")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastmix.config import register_resolvers  # noqa: E402
+from fastmix.config import register_resolvers
 
 
 def main() -> None:

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastmix.fused_loss import fused_linear_cross_entropy, tune_malloc  # noqa: E402
-from fastmix.models import build_model, flop_params  # noqa: E402
+from fastmix.fused_loss import fused_linear_cross_entropy, tune_malloc
+from fastmix.models import build_model, flop_params
 
 SHAPES = {
     "regmix_1m": dict(layers=2, hidden=256, ffn=512, heads=8),   # conf/proxy/regmix_1m.yaml

@@ -72,9 +72,9 @@ import tarfile
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 from fastmix import mathgen
 
@@ -223,7 +223,7 @@ def _py_files(root: Path, skip_dirs: set[str]) -> list[tuple[str, Path]]:
 
 
 # code ----------------------------------------------------------------------
-_TOP_LEVEL_DEF = re.compile(r"^(?:def |async def |class |@)", re.M)
+_TOP_LEVEL_DEF = re.compile(r"^(?:def |async def |class |@)", re.MULTILINE)
 
 
 def split_code(src: str, target: int = CODE_WHOLE_CHARS // 2) -> list[str]:
@@ -381,8 +381,8 @@ def fetch_shakespeare(cache_dir: Path) -> Path:
 # speech line such as "Act well your part" is not a heading).
 _ACT = re.compile(r"^(?:ACT|Act)\s+(?:[IVX]+|\d+|FIRST|SECOND|THIRD|FOURTH|FIFTH)\b")
 _SCENE = re.compile(r"^(?:SCENE|Scene)\s+(?:[IVXLC]+|\d+)\b")
-_GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (?:THE|THIS) PROJECT GUTENBERG.*$", re.M)
-_GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (?:THE|THIS) PROJECT GUTENBERG.*$", re.M)
+_GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (?:THE|THIS) PROJECT GUTENBERG.*$", re.MULTILINE)
+_GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (?:THE|THIS) PROJECT GUTENBERG.*$", re.MULTILINE)
 
 
 def strip_gutenberg(text: str) -> str:
@@ -447,7 +447,7 @@ def _drama_origin() -> str:
 
 
 # reference -----------------------------------------------------------------
-_BR = re.compile(r"<br\s*/?>|</p>\s*<p>", re.I)
+_BR = re.compile(r"<br\s*/?>|</p>\s*<p>", re.IGNORECASE)
 _TAG = re.compile(r"<[^>]+>")
 
 

@@ -44,7 +44,7 @@ class Cost:
         self.wall_seconds += seconds
         self.device_hours += seconds * devices / 3600
 
-    def __add__(self, other: "Cost") -> "Cost":
+    def __add__(self, other: Cost) -> Cost:
         return Cost(self.wall_seconds + other.wall_seconds, self.device or other.device,
                     max(self.devices, other.devices), self.flops + other.flops,
                     self.tokens + other.tokens, self.proxy_runs + other.proxy_runs,
@@ -55,7 +55,7 @@ class Cost:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Cost":
+    def from_dict(cls, d: dict) -> Cost:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 

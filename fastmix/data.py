@@ -17,9 +17,10 @@ import hashlib
 import itertools
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple, Union
+from typing import NamedTuple, Union
 
 import numpy as np
 
@@ -255,7 +256,7 @@ class Corpus:
         return list(self.tokens)
 
     def token_counts(self, split: str = "train") -> dict[str, int]:
-        return {s: int(len(self.tokens[s][split])) for s in self.tokens}
+        return {s: len(self.tokens[s][split]) for s in self.tokens}
 
     @property
     def vocab_size(self) -> int:

@@ -14,9 +14,10 @@ import logging
 import multiprocessing
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from fastmix.errors import UserError
 
@@ -50,7 +51,7 @@ class InProcess:
                 results.append(fn(job))
             except (KeyboardInterrupt, SystemExit):
                 raise
-            except Exception as e:  # noqa: BLE001 - reported with the others below
+            except Exception as e:
                 log.exception("proxy run %d failed", i)
                 failures.append((i, e))
                 results.append(None)

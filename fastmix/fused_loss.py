@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+
 def tune_malloc() -> bool:
     """glibc only: serve every allocation from the heap and never hand memory back to
     the OS, so the big per-step tensors (logits, grads) reuse already-mapped pages

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 Problem = dict  # {"question": str, "answer": str, "kind": str}
 
@@ -191,7 +191,7 @@ def problem_documents(n_docs: int, seed: int, per_doc: int = 8) -> list[str]:
     return ["\n\n".join(format_qa(p) for p in probs[i:i + per_doc]) for i in range(0, len(probs), per_doc)]
 
 
-_QA_RE = re.compile(r"^Question: (.+?)\nAnswer: (.+?)$", re.M)
+_QA_RE = re.compile(r"^Question: (.+?)\nAnswer: (.+?)$", re.MULTILINE)
 
 
 def parse_qa(text: str) -> list[dict]:

@@ -10,9 +10,10 @@ proxies the same way.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -72,7 +73,7 @@ class SearchResult:
     trace: list[dict] = field(default_factory=list)  # one row per outer step / proxy run
     info: dict = field(default_factory=dict)
 
-    def validated(self, sources: list[str]) -> "SearchResult":
+    def validated(self, sources: list[str]) -> SearchResult:
         self.weights = validate_weights(self.weights, sources, "the optimizer's output weights")
         return self
 

@@ -17,13 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastmix import records
 from fastmix.cost import Cost, CostMeter
-from fastmix.errors import UserError
-from fastmix.fanout import make_executor
 from fastmix.data import Corpus, prepare_corpus
+from fastmix.errors import UserError
 from fastmix.evaluation import evaluate_suite, load_tasks, suite_from_config
+from fastmix.fanout import make_executor
 from fastmix.models import build_model
-from fastmix.optimizer import SearchContext, SearchResult
 from fastmix.objective import ValidationObjective
+from fastmix.optimizer import SearchContext, SearchResult
 from fastmix.sampling import MixtureSampler
 from fastmix.train import Trainer, resolve_device, set_threads
 

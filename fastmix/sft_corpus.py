@@ -81,7 +81,7 @@ def code_pairs(docs: list[str]) -> list[dict]:
 def dialogue_pairs(docs: list[str]) -> list[dict]:
     out = []
     for doc in docs:
-        turns = re.findall(r"^([AB]): (.*)$", doc, re.M)
+        turns = re.findall(r"^([AB]): (.*)$", doc, re.MULTILINE)
         for (sa, a), (sb, b) in zip(turns, turns[1:]):
             if sa == "A" and sb == "B":
                 out.append({"prompt": f"A: {a}\nB:", "answer": f" {b}"})

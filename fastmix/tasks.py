@@ -66,9 +66,9 @@ import logging
 import random
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -303,7 +303,7 @@ def cloze_items(docs: list[str], n: int, rng: random.Random, context_chars: int)
 _FACT_SENTENCE = re.compile(
     r"\bThe ([a-z][a-z\- ]{1,40}?) of ((?:the )?[A-Z][\w'’.,()\- ]{0,60}?) (?:is|are) "
     r"((?:[^.\n]|\.(?!\s|$)){1,80}?)\.(?=\s|$)")
-_FIELD_LINE = re.compile(r"^(-[^\S\n]*)?([A-Za-z][\w\-,()' ]{1,50}):[^\S\n]*([^\n]{0,80})$", re.M)
+_FIELD_LINE = re.compile(r"^(-[^\S\n]*)?([A-Za-z][\w\-,()' ]{1,50}):[^\S\n]*([^\n]{0,80})$", re.MULTILINE)
 _TITLE = re.compile(r"^([^:\n]{1,60})(?::[^:\n]{0,40})?$")  # "Angola" or "Angola: Geography"
 _UNIT_END = re.compile(r"[.!?][\"')\]]*[^\S\n]+|\n")  # where a sentence or a line ends
 
@@ -394,7 +394,7 @@ def factbook_items(docs: list[str], n: int, rng: random.Random, context_chars: i
     return items
 
 
-_PROBLEM = re.compile(r"Question:[^\S\n]*(\S.*?)(\s*)\bAnswer:([^\S\n]*)(\S[^\n]*?)[^\S\n]*(?=\n|$)", re.S)
+_PROBLEM = re.compile(r"Question:[^\S\n]*(\S.*?)(\s*)\bAnswer:([^\S\n]*)(\S[^\n]*?)[^\S\n]*(?=\n|$)", re.DOTALL)
 _INT = re.compile(r"^-?\d+$")
 _DEC = re.compile(r"^-?\d+\.(\d+)$")
 

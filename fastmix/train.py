@@ -74,7 +74,7 @@ class StepInfo:
 
 
 class Hook(Protocol):
-    def __call__(self, trainer: "Trainer", info: StepInfo) -> None: ...
+    def __call__(self, trainer: Trainer, info: StepInfo) -> None: ...
 
 
 def token_losses(model, batch: Batch, device, precision: str) -> torch.Tensor:

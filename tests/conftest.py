@@ -60,6 +60,7 @@ def smoke_args(tiny_corpus, cache_dir) -> list[str]:
 
 def compose(overrides: list[str]):
     """The job config as run.py would see it (without Hydra's runtime keys)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)

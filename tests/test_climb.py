@@ -6,10 +6,10 @@ import types
 
 import numpy as np
 import pytest
+from test_regmix import OPT, SRC, build, fake_ctx
 
 from baselines.climb import Climb, select_candidates
 from fastmix.errors import UserError
-from test_regmix import OPT, SRC, build, fake_ctx
 
 SHALLOW = dict(boosting_type="gbdt", objective="regression", n_estimators=300, learning_rate=0.03,
                max_depth=4, num_leaves=15, reg_lambda=1.0)

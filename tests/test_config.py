@@ -2,10 +2,10 @@
 from pathlib import Path
 
 import pytest
+from conftest import compose
 from omegaconf import OmegaConf
 
 from fastmix.config import CONF_DIR
-from conftest import compose
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF_DIR / g).glob("*.yaml"))]

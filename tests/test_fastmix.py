@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from torch.func import functional_call
 
 from fastmix.method import FastMix, entropy_grad, hypergradient, softmax_chain
 from fastmix.models import build_model
 from fastmix.sampling import Batch, MixtureSampler
 from fastmix.train import StepInfo, masked_mean, token_losses
-from conftest import run_cli
 
 CTX, V = 16, 48
 

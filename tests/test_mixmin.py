@@ -9,14 +9,21 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import compose, run_cli
 
-from baselines.mixmin import (MixMin, mirror_descent, mixmin_grad, mixmin_loss, row_logliks, split_rows,
-                              stack_rows)
+from baselines.mixmin import (
+    MixMin,
+    mirror_descent,
+    mixmin_grad,
+    mixmin_loss,
+    row_logliks,
+    split_rows,
+    stack_rows,
+)
 from fastmix.cost import CostMeter
 from fastmix.errors import UserError
 from fastmix.models import build_model, flop_params
 from fastmix.objective import Objective
-from conftest import compose, run_cli
 
 SHAPE = {"layers": 1, "hidden": 16, "ffn": 32, "heads": 2, "context": 12}
 V = 40

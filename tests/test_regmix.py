@@ -7,14 +7,22 @@ import types
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import compose
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from baselines.regmix import (Regressor, RegMix, dirichlet_mixtures, finish_mixtures, main, strengths, temper,
-                              usage_bound)
+from baselines.regmix import (
+    RegMix,
+    Regressor,
+    dirichlet_mixtures,
+    finish_mixtures,
+    main,
+    strengths,
+    temper,
+    usage_bound,
+)
 from fastmix.errors import UserError
-from conftest import compose
 
 SRC = ["a", "b", "c", "d"]
 PRIOR = dict(zip(SRC, [0.4, 0.3, 0.2, 0.1]))
@@ -100,7 +108,7 @@ def test_linear_regressor_is_exact_on_linear_data():
 def test_lightgbm_regressor_ranks_unseen_mixtures():
     rng = np.random.default_rng(0)
     X, Xt = rng.dirichlet(np.ones(4), 300), rng.dirichlet(np.ones(4), 200)
-    y = lambda Z: ((Z - OPT) ** 2).sum(axis=1)  # noqa: E731
+    y = lambda Z: ((Z - OPT) ** 2).sum(axis=1)
     reg = Regressor("lightgbm", {**FAST_LGBM, "min_child_samples": 5}, early_stopping_rounds=3,
                     holdout=0.2).fit(X, y(X))
     from scipy.stats import spearmanr
@@ -194,7 +202,7 @@ def cli(m, t, out, *extra):
 def test_cli_writes_the_mixture_and_spearman(tmp_path):
     rng = np.random.default_rng(0)
     X, Xt = rng.dirichlet(np.ones(3), 40), rng.dirichlet(np.ones(3), 20)
-    loss = lambda Z: 3.0 - 2.0 * Z[:, 0] + Z[:, 1]  # noqa: E731 - linear: lowest at a = 1
+    loss = lambda Z: 3.0 - 2.0 * Z[:, 0] + Z[:, 1]
     m, t = write_runs(tmp_path, "train", X, loss(X))
     mt, tt = write_runs(tmp_path, "test", Xt, loss(Xt))
     out = tmp_path / "sub" / "mixture.json"

@@ -4,7 +4,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
 RESULT_KEYS = {"optimizer", "seed", "data", "objective", "weights", "search_cost", "train_cost", "eval",

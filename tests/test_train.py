@@ -8,8 +8,7 @@ from omegaconf import OmegaConf
 
 from fastmix.cost import CostMeter
 from fastmix.models import build_model, flop_params
-from fastmix.sampling import MixtureSampler, eval_windows
-from fastmix.sampling import Batch
+from fastmix.sampling import Batch, MixtureSampler, eval_windows
 from fastmix.train import Trainer, lr_factor, token_losses, weighted_loss
 
 TINY = {"layers": 1, "hidden": 32, "ffn": 64, "heads": 2, "context": 32}
