@@ -84,7 +84,7 @@ def main() -> None:
     threads, device = set_threads(base.threads), resolve_device(base.device)
     corpus = prepare_corpus(base.data)
     objective = instantiate(base.objective, _partial_=True)(corpus=corpus)
-    one_proxy = proxy_run_flops(corpus, base.proxy)
+    one_proxy, paper_proxy = proxy_run_flops(corpus, base.proxy), paper_proxy_flops()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
@@ -98,7 +98,7 @@ def main() -> None:
             paper_runs = planned_proxy_runs(m, PAPER_SOURCES, args.overrides)
             rows.append({"method": m, "proxy_runs": c.proxy_runs, "tokens": c.tokens, "flops": c.flops,
                          "device_hours": c.device_hours, "wall_s": c.wall_seconds,
-                         "paper_proxy_runs": paper_runs, "paper_flops": paper_runs * factor * paper_proxy_flops(),
+                         "paper_proxy_runs": paper_runs, "paper_flops": paper_runs * factor * paper_proxy,
                          "weights": " ".join(f"{k}={v:.2f}" for k, v in result.weights.items())})
             print(f"{m}: {c.proxy_runs} proxy runs, {c.wall_seconds:.0f} s", flush=True)
     df = pd.DataFrame(rows).set_index("method")

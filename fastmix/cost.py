@@ -84,14 +84,13 @@ class CostMeter:
         self.devices = devices_in_use(device) if devices is None else devices  # set threads first
         self.stages: dict[str, Cost] = {}
         self._open: str | None = None
-        self.template_device = device_name(device)
-        self._template = Cost(device=self.template_device, devices=self.devices)
+        self.device_name = device_name(device)
 
     @contextmanager
     def stage(self, name: str):
         if self._open is not None:
             raise RuntimeError(f"stage '{name}' opened inside stage '{self._open}'")
-        self.stages.setdefault(name, Cost(device=self._template.device, devices=self._template.devices))
+        self.stages.setdefault(name, Cost(device=self.device_name, devices=self.devices))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._open, start = name, time.perf_counter()

@@ -14,8 +14,9 @@ import logging
 import multiprocessing
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +29,27 @@ class UnitsFailed(RuntimeError):
     """Some units raised; the message lists each one with its error."""
 
 
-def _raise_failures(failures: list[tuple[int, BaseException | str]], total: int) -> None:
-    for _, e in failures:  # bad input (a config or folder to fix) is reported as itself
+def _gather(results: Iterable[Callable[[], Any]], total: int, where: Callable[[int], str] = lambda i: "") -> list:
+    """Every unit's result in order (`results` yields one getter per unit, called in
+    turn), running them all before reporting failures: bad input (a config or a
+    folder to fix) is raised as itself, anything else as one UnitsFailed listing
+    each failed unit (with `where(i)`, e.g. its log file)."""
+    out, failures = [], []
+    for i, get in enumerate(results):
+        try:
+            out.append(get())
+        except Exception as e:  # reported with the others below
+            log.exception("proxy run %d failed%s", i, where(i))
+            failures.append((i, e))
+            out.append(None)
+    for _, e in failures:
         if isinstance(e, UserError):
             raise e
     if failures:
-        lines = "\n".join(f"  unit {i}: {type(e).__name__ if isinstance(e, BaseException) else 'error'}: {e}"
-                          for i, e in failures)
+        lines = "\n".join(f"  unit {i}: {type(e).__name__}: {e}{where(i)}" for i, e in failures)
         raise UnitsFailed(f"{len(failures)} of {total} proxy runs failed (the others are recorded; "
                           f"re-running the job retries only the failed ones):\n{lines}")
+    return out
 
 
 class InProcess:
@@ -45,18 +58,7 @@ class InProcess:
     name = "inprocess"
 
     def map(self, fn: Callable, jobs: Sequence) -> list:
-        results, failures = [], []
-        for i, job in enumerate(jobs):
-            try:
-                results.append(fn(job))
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as e:
-                log.exception("proxy run %d failed", i)
-                failures.append((i, e))
-                results.append(None)
-        _raise_failures(failures, len(jobs))
-        return results
+        return _gather((partial(fn, job) for job in jobs), len(jobs))  # lazily: one after the other
 
 
 class LocalProcesses:
@@ -77,15 +79,7 @@ class LocalProcesses:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(self.workers, mp_context=ctx) as pool:
             futures = [pool.submit(fn, job) for job in jobs]
-            results, failures = [], []
-            for i, f in enumerate(futures):
-                try:
-                    results.append(f.result())
-                except Exception as e:  # noqa: BLE001
-                    failures.append((i, e))
-                    results.append(None)
-        _raise_failures(failures, len(jobs))
-        return results
+            return _gather([f.result for f in futures], len(jobs))
 
 
 class Submitit:
@@ -120,15 +114,8 @@ class Submitit:
         submitted = self.executor.map_array(fn, list(jobs))
         log.info("submitted %d proxy runs as %s", len(submitted),
                  submitted[0].job_id.split("_")[0] if submitted else "-")
-        results, failures = [], []
-        for i, job in enumerate(submitted):
-            try:
-                results.append(job.result())
-            except Exception as e:  # noqa: BLE001 - submitit re-raises the task's error
-                failures.append((i, f"{e} (logs: {job.paths.stderr})"))
-                results.append(None)
-        _raise_failures(failures, len(jobs))
-        return results
+        # submitit re-raises a task's error from result(); its log file says more
+        return _gather([j.result for j in submitted], len(jobs), lambda i: f" (logs: {submitted[i].paths.stderr})")
 
 
 def make_executor(cfg, folder: Path):

@@ -152,7 +152,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
             s, self.total_steps, cfg.warmup_steps, cfg.schedule, cfg.get("min_lr_ratio", 0.1)))
         self.step = self.micro_step = 0
-        self.cost = Cost(device=meter.template_device, devices=meter.devices)  # this run's own work,
+        self.cost = Cost(device=meter.device_name, devices=meter.devices)  # this run's own work,
         # kept across resumes
         self.ckpt_path = self.out_dir / "checkpoint.pt"
         self.metrics_path = self.out_dir / "metrics.jsonl"
