@@ -9,7 +9,7 @@ CORPUS := data/embedded/manifest.json
 SFT    := data/embedded_sft/manifest.json
 ARGS   ?=
 
-.PHONY: setup run test corpus bench clean
+.PHONY: setup run test corpus bench demo clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# every method x 3 seeds at CPU scale, then tables, plots and the README's results
+demo: setup
+	$(PY) run.py -m experiment=demo $(ARGS)
 
 bench: setup
 	$(PY) bench/throughput.py

@@ -1,0 +1,192 @@
+"""Run folders -> the paper's cost-versus-quality tables.
+
+`python -m analysis.tables outputs/sweep/<name> [--paper pretrain]` reads every
+result.json under the folder into one pandas frame (a row per job) and writes,
+into <folder>/tables/ (or --out), as Markdown, CSV and LaTeX:
+
+* results: one row per method, a column per benchmark (accuracy in %, or each
+  source's validation loss when the suite scored none), the average, on how
+  many benchmarks the method is best, the search's device-hours (named
+  GPU-hours only when every search ran on GPUs), FLOPs, proxy runs and cost
+  as a multiple of FastMix's device-hours; mean ± std over seeds.
+* mixtures: the found weights side by side, a column per method.
+
+With --paper, the figures the papers report (analysis/reported.yaml) are
+printed beside the measured cost multiples. Reads outputs/ only.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from fastmix import records
+
+REPORTED = Path(__file__).with_name("reported.yaml")
+COST_COLS = ["search_hours", "search_flops", "proxy_runs"]
+
+
+class TableError(ValueError):
+    """Bad input to the table builder: one message naming the thing and the fix."""
+
+
+def load_results(root: Path) -> pd.DataFrame:
+    """One row per finished job (a result.json) under `root`: method, seed, the
+    scores `score:<task>`, `val:<source>`, `weight:<source>`, the search cost and
+    the job's folder."""
+    root = Path(root)
+    if not root.exists():
+        raise TableError(f"{root} does not exist: pass a sweep folder, e.g. outputs/sweep/<sweep_name>")
+    paths = sorted(root.rglob("result.json"))
+    if not paths:
+        raise TableError(f"no result.json under {root}: no job of this sweep has finished "
+                         f"(a job writes result.json and DONE last); run the sweep first")
+    rows = []
+    for p in paths:
+        r = records.read_json(p)
+        cost = r["search_cost"]
+        row = {"method": r["optimizer"], "seed": r["seed"], "dir": str(p.parent), "suite": r.get("eval_suite"),
+               "device": cost["device"], "search_hours": cost["device_hours"], "search_flops": cost["flops"],
+               "proxy_runs": cost["proxy_runs"], "eval_average": r.get("eval_average"),
+               "val_loss_average": r["val_loss_average"], "objective_loss": r["objective_loss"]}
+        row.update({f"score:{k}": v for k, v in (r.get("eval") or {}).items()})
+        row.update({f"val:{k}": v for k, v in r["val_loss"].items()})
+        row.update({f"weight:{k}": v for k, v in r["weights"].items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _columns(df: pd.DataFrame, prefix: str) -> list[str]:
+    return [c for c in df.columns if c.startswith(prefix)]
+
+
+def quality(df: pd.DataFrame) -> tuple[list[str], bool, float]:
+    """(the per-benchmark columns, higher-is-better, display scale): benchmark
+    accuracies in % when the suite scored any, else per-source validation loss."""
+    scores = [c for c in _columns(df, "score:") if df[c].notna().any()]
+    if scores:
+        return scores, True, 100.0
+    return _columns(df, "val:"), False, 1.0
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Per method: mean and std over seeds of every benchmark, the average,
+    the best count and the search cost (columns `<name>` and `<name> std`)."""
+    bench, higher, scale = quality(df)
+    df = df.copy()
+    df[bench] = df[bench] * scale
+    df["average"] = df[bench].mean(axis=1)
+    cols = bench + ["average"] + COST_COLS
+    g = df.groupby("method", sort=False)
+    mean, std = g[cols].mean(), g[cols].std(ddof=1)  # one seed -> NaN std, shown as a bare mean
+    out = mean.join(std.add_suffix(" std"))
+    out["seeds"] = g.size()
+    best = mean[bench].max() if higher else mean[bench].min()
+    # ties count for every tied method (np.isclose: equal up to float noise)
+    out["best_on"] = sum(np.isclose(mean[c], best[c], rtol=0, atol=1e-9).astype(int) for c in bench)
+    ref = out["search_hours"].get("fastmix")
+    out["x_fastmix"] = out["search_hours"] / ref if ref else np.nan
+    order = out["average"].sort_values(ascending=not higher).index
+    return out.loc[order]
+
+
+def hours_label(df: pd.DataFrame) -> str:
+    """GPU-hours only when every search ran on a GPU (DESIGN.md: cost)."""
+    return "GPU-hours" if df["device"].str.startswith("cuda").all() else "device-hours"
+
+
+def _cell(mean: float, std: float, fmt: str, pm: str) -> str:
+    if pd.isna(mean):
+        return "-"
+    return f"{mean:{fmt}}" if pd.isna(std) else f"{mean:{fmt}}{pm}{std:{fmt}}"
+
+
+def results_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The paper-layout table of strings: a row per method."""
+    s = summarize(df)
+    bench, higher, _ = quality(df)
+    pm, fmt = " ± ", (".1f" if higher else ".3f")
+    table = pd.DataFrame(index=s.index)
+    for c in bench:
+        table[c.split(":", 1)[1]] = [_cell(m, v, fmt, pm) for m, v in zip(s[c], s[f"{c} std"])]
+    table["Avg" if higher else "Avg loss"] = [_cell(m, v, fmt, pm) for m, v in zip(s["average"], s["average std"])]
+    table["#Best"] = [f"{b}/{len(bench)}" for b in s["best_on"]]
+    table[f"Search {hours_label(df)}"] = [_cell(m, v, ".3g", pm) for m, v in zip(s["search_hours"], s["search_hours std"])]
+    table["FLOPs"] = [f"{f:.2e}" for f in s["search_flops"]]
+    table["Proxy runs"] = [f"{p:g}" for p in s["proxy_runs"]]
+    table["x FastMix"] = ["-" if pd.isna(x) else f"{x:.3g}" for x in s["x_fastmix"]]
+    table["Seeds"] = s["seeds"].astype(int)
+    table.index.name = "Method"
+    return table
+
+
+def mixtures_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean weight of each source (rows) per method (columns)."""
+    w = df.groupby("method", sort=False)[_columns(df, "weight:")].mean().T
+    w.index = [c.split(":", 1)[1] for c in w.index]
+    w.index.name = "source"
+    return w
+
+
+def reported_beside(df: pd.DataFrame, setting: str) -> pd.DataFrame:
+    """Measured cost multiples beside those the papers report for `setting`."""
+    rep = yaml.safe_load(REPORTED.read_text())
+    if setting not in rep:
+        raise TableError(f"unknown --paper {setting!r}: pick one of {', '.join(rep)} (analysis/reported.yaml)")
+    methods = rep[setting].get("methods", {})
+    s = summarize(df)
+    rows = []
+    for m in sorted(set(s.index) | set(methods)):
+        r = methods.get(m, {})
+        speed = r.get("speedup_vs_fastmix")
+        rows.append({"Method": m, "measured x FastMix": s["x_fastmix"].get(m, np.nan),
+                     "reported x FastMix": "/".join(f"{v:g}" for v in speed) if speed else
+                     ("1" if m == "fastmix" else "-"),
+                     "measured search h": s["search_hours"].get(m, np.nan),
+                     "reported GPU-h": r.get("search_gpu_hours", "-"),
+                     "reported average": r.get("average", "-")})
+    return pd.DataFrame(rows).set_index("Method")
+
+
+def write_tables(root: Path, out: Path | None = None, paper: str | None = None) -> dict[str, str]:
+    """Write results.{md,csv,tex} and mixtures.{md,csv,tex} (+ reported.md);
+    returns the Markdown texts."""
+    df = load_results(root)
+    out = Path(out) if out else Path(root) / "tables"
+    texts = {"results": results_table(df).to_markdown(), "mixtures": mixtures_table(df).to_markdown(floatfmt=".3f")}
+    records.write_text_atomic(out / "results.md", texts["results"] + "\n")
+    latex = results_table(df).to_latex(escape=True).replace("±", r"$\pm$")  # escape=True: # and _ in names
+    records.write_text_atomic(out / "results.tex", latex)
+    records.write_text_atomic(out / "results.csv", summarize(df).to_csv())
+    records.write_text_atomic(out / "mixtures.md", texts["mixtures"] + "\n")
+    records.write_text_atomic(out / "mixtures.tex", mixtures_table(df).to_latex(float_format="%.3f"))
+    records.write_text_atomic(out / "mixtures.csv", mixtures_table(df).to_csv())
+    records.write_text_atomic(out / "runs.csv", df.to_csv(index=False))
+    if paper:
+        texts["reported"] = reported_beside(df, paper).to_markdown(floatfmt=".3g")
+        records.write_text_atomic(out / "reported.md", texts["reported"] + "\n")
+    return texts
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("sweep", type=Path, help="a sweep folder (outputs/sweep/<name>) or any folder of run folders")
+    ap.add_argument("--out", type=Path, default=None, help="where to write the tables (default <sweep>/tables)")
+    ap.add_argument("--paper", default=None, help="print the papers' figures beside ours: pretrain | posttrain")
+    args = ap.parse_args(argv)
+    try:
+        texts = write_tables(args.sweep, args.out, args.paper)
+    except TableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, text in texts.items():
+        print(f"## {name}\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
