@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from fastmix import sweep
+from fastmix import distributed, sweep
 from fastmix.config import register_resolvers
 from fastmix.errors import UserError
 from fastmix.records import is_done, write_text_atomic
@@ -40,7 +40,8 @@ def main(cfg) -> str:
         run_job(cfg, run_dir)
     except Exception as e:
         bad_input = isinstance(e, UserError)
-        write_text_atomic(run_dir / "error.txt", f"error: {e}\n" if bad_input else traceback.format_exc())
+        if distributed.is_main():  # under DDP every rank fails alike; one writes
+            write_text_atomic(run_dir / "error.txt", f"error: {e}\n" if bad_input else traceback.format_exc())
         if not multirun:
             if bad_input:
                 print(f"error: {e}", file=sys.stderr)

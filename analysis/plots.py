@@ -62,7 +62,8 @@ def cost_vs_quality(df: pd.DataFrame, ax=None):
         ax.set_xscale("log")
     ax.set_xlabel(f"search cost ({hours_label(df)}, log scale)")
     ax.set_ylabel("average score (%)" if higher else "average validation loss (lower is better)")
-    ax.legend(fontsize=7)
+    if len(searched):
+        ax.legend(fontsize=7)
     return ax
 
 

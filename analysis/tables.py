@@ -153,22 +153,26 @@ def reported_beside(df: pd.DataFrame, setting: str) -> pd.DataFrame:
 
 
 def write_tables(root: Path, out: Path | None = None, paper: str | None = None) -> dict[str, str]:
-    """Write results.{md,csv,tex} and mixtures.{md,csv,tex} (+ reported.md);
-    returns the Markdown texts."""
+    """Write results.{md,csv,tex}, mixtures.{md,csv,tex}, runs.csv (+ reported.md);
+    returns the Markdown texts. Everything is built before anything is written."""
     df = load_results(root)
     out = Path(out) if out else Path(root) / "tables"
-    texts = {"results": results_table(df).to_markdown(), "mixtures": mixtures_table(df).to_markdown(floatfmt=".3f")}
-    records.write_text_atomic(out / "results.md", texts["results"] + "\n")
-    latex = results_table(df).to_latex(escape=True).replace("±", r"$\pm$")  # escape=True: # and _ in names
-    records.write_text_atomic(out / "results.tex", latex)
-    records.write_text_atomic(out / "results.csv", summarize(df).to_csv())
-    records.write_text_atomic(out / "mixtures.md", texts["mixtures"] + "\n")
-    records.write_text_atomic(out / "mixtures.tex", mixtures_table(df).to_latex(float_format="%.3f"))
-    records.write_text_atomic(out / "mixtures.csv", mixtures_table(df).to_csv())
-    records.write_text_atomic(out / "runs.csv", df.to_csv(index=False))
+    results, mixtures = results_table(df), mixtures_table(df)
+    texts = {"results": results.to_markdown(), "mixtures": mixtures.to_markdown(floatfmt=".3f")}
     if paper:
         texts["reported"] = reported_beside(df, paper).to_markdown(floatfmt=".3g")
-        records.write_text_atomic(out / "reported.md", texts["reported"] + "\n")
+    files = {"results.md": texts["results"] + "\n",
+             # escape=True for # and _ in names; then the ± of mean ± std as math
+             "results.tex": results.to_latex(escape=True).replace("±", r"$\pm$"),
+             "results.csv": summarize(df).to_csv(),
+             "mixtures.md": texts["mixtures"] + "\n",
+             "mixtures.tex": mixtures.to_latex(float_format="%.3f", escape=True),
+             "mixtures.csv": mixtures.to_csv(),
+             "runs.csv": df.to_csv(index=False)}
+    if paper:
+        files["reported.md"] = texts["reported"] + "\n"
+    for name, text in files.items():
+        records.write_text_atomic(out / name, text)
     return texts
 
 

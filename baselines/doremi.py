@@ -51,6 +51,7 @@ import math
 
 import torch
 
+from fastmix import distributed
 from fastmix.errors import UserError
 from fastmix.models import flop_params
 from fastmix.optimizer import SearchContext, SearchResult
@@ -120,6 +121,9 @@ class DoReMiHook:
         """Add one micro-batch's excess losses; with `update`, take the DRO step
         over everything observed since the last one. Returns whether alpha moved."""
         sums, counts = excess_loss_sums(proxy_tok, ref_tok, batch, len(self.names))
+        # Data-parallel: each rank saw its rows of the micro-batch; the mean over ranks of
+        # sums and of counts has the global ratio, and keeps alpha identical on every rank.
+        sums, counts = distributed.all_reduce_mean(torch.stack([sums, counts]))
         self.pending_sums += sums
         self.pending_counts += counts
         if not update:
@@ -141,7 +145,7 @@ class DoReMiHook:
         batch = info.batch
         with torch.no_grad():
             ref_tok = token_losses(self.ref_model, batch, trainer.device, trainer.cfg.precision)
-        n_tok = batch.input_ids.shape[0] * (batch.input_ids.shape[1] - 1)
+        n_tok = batch.input_ids.shape[0] * (batch.input_ids.shape[1] - 1) * trainer.world  # all ranks' rows
         trainer.meter.add_forward(flop_params(self.ref_model), n_tok)
         self.ref_tokens += n_tok
         self.ref_tokens_here += n_tok

@@ -10,6 +10,10 @@ is the number of GPUs, or on CPU the share of the machine's cores the process
 used (torch threads / cores). So two 1-thread proxies side by side on a 2-core
 machine pay what one 2-thread proxy pays in the same time, and a search's
 device-hours do not depend on the executor that ran its proxies.
+Data-parallel training (fastmix.distributed) over W ranks: `devices` is W x one
+rank's, so device-hours are wall time x all devices; each rank's meter charges
+the FLOPs and tokens of the global batch (all ranks' tokens), and rank 0's
+meter is the one written, so the work is counted once, not W times.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
+
+from fastmix import distributed
 
 
 def device_name(device: torch.device) -> str:
@@ -60,10 +66,10 @@ class Cost:
 
 
 def devices_in_use(device: torch.device) -> float:
-    """1 per GPU; on CPU, the share of this process's cores that torch uses."""
-    if device.type != "cpu":
-        return 1.0
-    return min(1.0, torch.get_num_threads() / len(os.sched_getaffinity(0)))
+    """1 per GPU; on CPU, the share of this process's cores that torch uses; times
+    the data-parallel world size (call `distributed.init()` before building a meter)."""
+    per_rank = 1.0 if device.type != "cpu" else min(1.0, torch.get_num_threads() / len(os.sched_getaffinity(0)))
+    return per_rank * distributed.world_size()
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -69,19 +69,22 @@ def discover_sources(data_cfg) -> dict[str, SourceSpec]:
         if root is None or not root.is_dir():
             hint = ("build it with `make corpus`" if data_cfg.get("name") == "embedded"
                     else "pass data.root=/path/to/dir holding one subfolder per source")
-            raise UserError(f"data.root {root} is not a directory: {hint}.")
+            raise UserError(f"data.root {'is not set' if root is None else f'{root} is not a directory'}: {hint}.")
         for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             specs[sub.name] = SourceSpec(sub.name, _files_under(sub), text_field=text_field)
         if not specs:
             raise UserError(f"data.root {root} has no source subfolders: make one subfolder "
                             f"per source holding {'/'.join(TEXT_SUFFIXES)} files.")
     elif kind == "files":
+        root = data_cfg.get("root")  # relative file paths are under data.root when it is set
         for name, paths in (data_cfg.files or {}).items():
             files = []
             for p in ([paths] if isinstance(paths, str) else paths):
-                p = abspath(p)
+                p = abspath(Path(root) / p if root and not Path(p).is_absolute() else p)
                 if not p.exists():
-                    raise UserError(f"source '{name}': file {p} does not exist; fix data.files.{name}.")
+                    hint = (f"data.root is not set: pass data.root=/path/to/the/folder holding {Path(p).name}"
+                            if not root and not Path(str(paths)).is_absolute() else f"fix data.files.{name}")
+                    raise UserError(f"source '{name}': file {p} does not exist; {hint}.")
                 files += _files_under(p)
             specs[name] = SourceSpec(name, files, text_field=text_field)
     elif kind == "hf":
@@ -366,6 +369,9 @@ def write_split(folder: Path, name: str, split: str, flat: np.ndarray, mask: np.
 def prepare_corpus(data_cfg) -> Corpus:
     """Tokenize every source once (or reuse the cache) and open the token arrays."""
     specs = discover_sources(data_cfg)
+    if data_cfg.tokenizer.kind == "pretrained" and not data_cfg.tokenizer.get("path"):
+        raise UserError("data.tokenizer.path is not set: pass data.tokenizer.path=/path/to/a/local/tokenizer "
+                        "folder (Hugging Face format), or use data.tokenizer.kind=bpe.")
     cache_dir = abspath(data_cfg.cache_dir)
     root = cache_dir / _cache_key(specs, data_cfg)
     if (root / "meta.json").exists():

@@ -30,6 +30,7 @@ import math
 import numpy as np
 import torch
 
+from fastmix import distributed
 from fastmix.errors import UserError
 from fastmix.models import flop_params
 from fastmix.optimizer import SearchContext, SearchResult
@@ -56,11 +57,21 @@ def hypergradient(model, params: list[torch.Tensor], val_batch, info: StepInfo, 
     g_val = torch.autograd.grad(val_loss, params)
     token_loss = token_losses(model, info.batch, device, precision)
     inner = torch.zeros(n_sources, dtype=torch.float64)
+    counted = torch.zeros(n_sources, dtype=torch.float64)  # source k's counted tokens in this batch
+    mask = (torch.ones_like(token_loss) if info.batch.loss_mask is None
+            else info.batch.loss_mask.to(token_loss.device))
     for k in range(n_sources):
         rows = (info.batch.source == k).to(token_loss.device)
         if rows.any():  # a source absent from the micro-batch keeps 0 (public code)
             g_k = torch.autograd.grad(masked_mean(token_loss, info.batch, rows), params, retain_graph=True)
             inner[k] = sum(float((a.float() * b.float()).sum()) for a, b in zip(g_val, g_k))
+            counted[k] = float(mask[rows].sum())
+    if distributed.world_size() > 1:
+        # Each rank holds its rows of the global micro-batch. G_k is a token mean, so the
+        # global <G_val, G_k> is the token-weighted mean of the ranks' values; the same
+        # on every rank, so w stays identical everywhere.
+        tot = distributed.all_reduce_mean(torch.stack([inner * counted, counted]))
+        inner = torch.where(tot[1] > 0, tot[0] / tot[1].clamp_min(1e-300), torch.zeros_like(inner))
     return -lr * inner, inner, float(val_loss.detach())
 
 
@@ -104,8 +115,10 @@ class FastMixHook:
         # Cost of the outer step: forwards of the objective batch and the micro-batch,
         # and the gradient passes to `params` (forward-sized work on those parameters).
         n_grad = sum(p.numel() for p in params)
+        # The objective batch is the same on every rank (counted once); the micro-batch's
+        # rows are split over the ranks (counted for all of them).
         val_tokens = vb.input_ids.shape[0] * (vb.input_ids.shape[1] - 1)
-        batch_tokens = info.batch.input_ids.shape[0] * (info.batch.input_ids.shape[1] - 1)
+        batch_tokens = info.batch.input_ids.shape[0] * (info.batch.input_ids.shape[1] - 1) * trainer.world
         trainer.meter.add_forward(flop_params(model), val_tokens + batch_tokens)
         trainer.meter.add_forward(n_grad, val_tokens + batch_tokens)
         self.trace.append({"step": info.step, "micro_step": info.micro_step, "objective_loss": val_loss,

@@ -2,6 +2,12 @@
 
 run.py composes the config and calls `run_job`; everything a stage needs is
 built here from the config, so the stages read top to bottom.
+
+Launched as several data-parallel processes (torchrun, Submitit tasks; see
+fastmix.distributed), every rank runs every stage: each training (proxies and
+target) is data-parallel through the one loop, and the evaluations are repeated
+on every rank (same model, same numbers). Rank 0 alone writes the run folder's
+files; a barrier follows a write that other ranks read next.
 """
 from __future__ import annotations
 
@@ -15,12 +21,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fastmix import records
+from fastmix import distributed, records
 from fastmix.cost import Cost, CostMeter
 from fastmix.data import Corpus, prepare_corpus
 from fastmix.errors import UserError
 from fastmix.evaluation import evaluate_suite, load_tasks, suite_from_config
-from fastmix.fanout import make_executor
+from fastmix.fanout import InProcess, make_executor
 from fastmix.models import build_model
 from fastmix.objective import ValidationObjective
 from fastmix.optimizer import SearchContext, SearchResult
@@ -51,7 +57,8 @@ def train_on_mixture(corpus: Corpus, run_cfg: DictConfig, weights: dict[str, flo
         model.load_state_dict(AutoModelForCausalLM.from_pretrained(init_from).state_dict())
     arrays = {s: corpus.tokens[s]["train"] for s in corpus.sources}
     masks = {s: corpus.mask(s, "train") for s in corpus.sources}
-    sampler = MixtureSampler(arrays, run_cfg.model.context, run_cfg.batch_size, seed,
+    # batch_size is per rank: every rank draws the global micro-batch and trains on its rows
+    sampler = MixtureSampler(arrays, run_cfg.model.context, run_cfg.batch_size * distributed.world_size(), seed,
                              probs=None if weighted else weights,
                              loss_weights=weights if weighted else None, masks=masks)
     trainer = Trainer(model, sampler, run_cfg, device, meter, out_dir, hook=hook, hook_every=hook_every,
@@ -127,10 +134,13 @@ class ProxyUnit:
         record = {"index": job.index, "tag": job.tag, "weights": job.weights, "objective": value,
                   "cost": meter.stages["proxy"].to_dict(), "seed": job.seed, "dir": str(out)}
         if job.keep_model:
-            model.save_pretrained(out / "model")  # before the record: a record means the model is there
             record["model_dir"] = str(out / "model")
-        records.write_json(record_path, record)
-        (out / "checkpoint.pt").unlink(missing_ok=True)  # a paper-scale proxy checkpoint is ~300 MB
+        if distributed.is_main():
+            if job.keep_model:
+                model.save_pretrained(out / "model")  # before the record: a record means the model is there
+            records.write_json(record_path, record)
+            (out / "checkpoint.pt").unlink(missing_ok=True)  # a paper-scale proxy checkpoint is ~300 MB
+        distributed.barrier()  # every rank sees the record (and model) before its next `exists` check
         return record
 
 
@@ -138,7 +148,10 @@ def proxy_runner(cfg: DictConfig, corpus: Corpus, objective, meter: CostMeter, f
     """`ctx.run_proxies(weights_list, tag)`: one proxy per mixture through the executor
     in `cfg.executor`; returns their records in order and charges their costs
     (finished earlier or just now, here or elsewhere) to the open stage."""
-    executor = make_executor(cfg.executor, folder / "submitit")
+    # Data-parallel ranks train each proxy together, one after the other: fanning out
+    # from every rank would run each proxy W times (and the workers would inherit the
+    # launcher's variables).
+    executor = make_executor(cfg.executor, folder / "submitit") if distributed.world_size() == 1 else InProcess()
     unit = ProxyUnit(OmegaConf.to_container(cfg, resolve=True), getattr(executor, "threads", None))
     if executor.name == "inprocess":
         unit._loaded = corpus, objective  # already in memory
@@ -205,11 +218,19 @@ def run_search(cfg: DictConfig, optimizer, corpus: Corpus, objective, meter: Cos
 def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     threads = set_threads(cfg.threads)
+    distributed.init()  # before the device (cuda:LOCAL_RANK) and the meter (devices x ranks)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    log.info("device %s, %d torch threads, run folder %s", device, threads, run_dir)
+    log.info("device %s, %d torch threads, rank %d of %d, run folder %s", device, threads,
+             distributed.rank(), distributed.world_size(), run_dir)
 
+    # Rank 0 builds (or finds) the token cache first; the others then read it instead
+    # of each training the same tokenizer.
+    if not distributed.is_main():
+        distributed.barrier()
     corpus = prepare_corpus(cfg.data)
+    if distributed.is_main():
+        distributed.barrier()
     objective = instantiate(cfg.objective, _partial_=True)(corpus=corpus)
     suite = suite_from_config(cfg.eval, corpus)
     if suite:
@@ -221,15 +242,16 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     sources, result = run_search(cfg, optimizer, corpus, objective, meter, device, run_dir / "search")
     log.info("mixture (%s): %s", cfg.optimizer.name,
              ", ".join(f"{k}={v:.3f}" for k, v in result.weights.items()))
-    records.write_json(run_dir / "mixture.json", {"weights": result.weights, "optimizer": cfg.optimizer.name,
-                                                  "sources": sources.sources, "info": result.info})
-    records.write_jsonl(run_dir / "search_trace.jsonl", result.trace)
+    if distributed.is_main():
+        records.write_json(run_dir / "mixture.json", {"weights": result.weights, "optimizer": cfg.optimizer.name,
+                                                      "sources": sources.sources, "info": result.info})
+        records.write_jsonl(run_dir / "search_trace.jsonl", result.trace)
 
     # 2. train the target model on the mixture (sources sampled by w)
     with meter.stage("train"):
         target, _ = train_on_mixture(sources, cfg.train, result.weights, run_dir, device, meter,
                                      cfg.seed, desc="target", progress=cfg.progress)
-        if cfg.train.keep_model:
+        if cfg.train.keep_model and distributed.is_main():
             target.save_pretrained(run_dir / "model")
             corpus.tokenizer.save_pretrained(run_dir / "model")
 
@@ -240,12 +262,9 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
         scores = (evaluate_suite(target, corpus.tokenizer, suite, device, cfg.eval.batch_size, cfg.eval.get("limit"),
                                  meter, cfg.train.precision) if suite else
                   {"scores": {}, "metrics": {}, "average": None, "results": {}})
-    records.write_json(run_dir / "eval.json", {"suite": cfg.eval.name, **scores, "val_loss": val_loss,
-                                               "objective_loss": objective_loss})
 
-    # 4. record
+    # 4. record (rank 0: the same numbers on every rank)
     cost = meter.to_dict()
-    records.write_json(run_dir / "cost.json", cost)
     result_row = {
         "optimizer": cfg.optimizer.name, "seed": cfg.seed, "data": cfg.data.name,
         "objective": objective.describe(), "proxy": cfg.proxy.name, "target": cfg.train.name,
@@ -256,7 +275,12 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
         "objective_loss": objective_loss, "versions": records.versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    records.write_json(run_dir / "result.json", result_row)
-    (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the model is in model/; the rest is resume state
-    records.mark_done(run_dir)
+    if distributed.is_main():
+        records.write_json(run_dir / "eval.json", {"suite": cfg.eval.name, **scores, "val_loss": val_loss,
+                                                   "objective_loss": objective_loss})
+        records.write_json(run_dir / "cost.json", cost)
+        records.write_json(run_dir / "result.json", result_row)
+        (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the model is in model/; the rest is resume state
+        records.mark_done(run_dir)
+    distributed.barrier()  # no rank reports the job done before DONE is written
     return result_row

@@ -25,6 +25,11 @@ class Batch:
     weight: torch.Tensor  # [B] float32 loss weight of each row's source
     loss_mask: torch.Tensor | None = None  # [B, T] 1 where a target token counts (post-training)
 
+    def rows(self, sl: slice) -> Batch:
+        """Some rows of the batch (a data-parallel rank's share of the global micro-batch)."""
+        return Batch(self.input_ids[sl], self.source[sl], self.weight[sl],
+                     None if self.loss_mask is None else self.loss_mask[sl])
+
 
 def _as_vector(names: list[str], values: dict[str, float] | None, what: str) -> np.ndarray:
     if values is None:

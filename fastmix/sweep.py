@@ -22,7 +22,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from fastmix import records
+from fastmix import distributed, records
 
 log = logging.getLogger("sweep")
 SWEEP_ID = "FASTMIX_SWEEP_ID"  # env var: set by the launching process, inherited by every job
@@ -49,7 +49,7 @@ def job_threads(launcher: DictConfig | None) -> int | None:
 def write_status(run_dir: Path, status: str, error: str | None = None) -> None:
     """The job's outcome for the summary; only inside a sweep (the id is set)."""
     sweep_id = os.environ.get(SWEEP_ID)
-    if sweep_id:
+    if sweep_id and distributed.is_main():
         records.write_json(Path(run_dir) / "status.json",
                            {"sweep_id": sweep_id, "status": status, "error": error, "time": time.time()})
 

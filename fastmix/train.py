@@ -18,6 +18,14 @@ with grad (`token_losses`), the hook sees them detached in
 and `weighted_loss` of the same forward is backpropagated. One forward, the
 same FLOPs as any step; slower in wall time on CPU at large vocabularies, where
 it materialises the [tokens, vocab] logits the fused path avoids.
+
+Data-parallel (fastmix.distributed: torchrun or Submitit tasks): every rank draws
+the same global micro-batch of `batch_size x world size` rows from its own copy of
+the sampler (same seed, so the RNG state matches on all ranks) and trains on its
+rows [rank*B, (rank+1)*B); gradients are averaged by hand after the last
+micro-batch of a step (see docs/DECISIONS.md, "Data-parallel training"), so a
+run on W ranks follows the curve of one process with W times the batch. Rank 0
+alone writes metrics.jsonl and checkpoint.pt.
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fastmix import distributed
 from fastmix.cost import Cost, CostMeter
 from fastmix.fused_loss import fused_linear_cross_entropy, tune_malloc
 from fastmix.models import flop_params
@@ -41,9 +50,12 @@ from fastmix.sampling import Batch, MixtureSampler
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """`auto`: CUDA if there is one. Data-parallel ranks each take their own GPU,
+    cuda:LOCAL_RANK (call `distributed.init()` first)."""
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if dev.type == "cuda" and dev.index is None and distributed.world_size() > 1:
+        dev = torch.device("cuda", distributed.local_rank())
+    return dev
 
 
 def set_threads(threads: int | None) -> int:
@@ -64,7 +76,8 @@ def autocast(device: torch.device, precision: str):
 
 @dataclass
 class StepInfo:
-    """What a hook sees: the micro-batch about to be trained on."""
+    """What a hook sees: the micro-batch about to be trained on (data-parallel: this
+    rank's rows of it; a hook that moves the mixture averages its statistics over ranks)."""
     step: int  # optimizer steps done
     micro_step: int  # micro-batches done before this one
     batch: Batch
@@ -105,10 +118,23 @@ def masked_mean(tok_loss: torch.Tensor, batch: Batch, rows: torch.Tensor | None 
     return (tok_loss * m).sum() / m.sum().clamp_min(1.0)
 
 
-def source_means(tok_loss: torch.Tensor, batch: Batch, names: list[str]) -> dict[str, float]:
-    tl = tok_loss.detach()
-    return {n: float(masked_mean(tl, batch, (batch.source == k).to(tl.device)))
-            for k, n in enumerate(names) if (batch.source == k).any()}
+def source_stats(tok_loss: torch.Tensor, batch: Batch, n_sources: int) -> torch.Tensor:
+    """[K, 3] float64 per source: sum of counted token losses, counted tokens, rows.
+    Sums, not means, so data-parallel ranks can add theirs up."""
+    tl = tok_loss.detach().double().cpu()
+    m = torch.ones_like(tl) if batch.loss_mask is None else batch.loss_mask.double().cpu()
+    src, out = batch.source.cpu(), torch.zeros(n_sources, 3, dtype=torch.float64)
+    out[:, 0].index_add_(0, src, (tl * m).sum(1))
+    out[:, 1].index_add_(0, src, m.sum(1))
+    out[:, 2].index_add_(0, src, torch.ones(len(src), dtype=torch.float64))
+    return out
+
+
+def loss_normaliser(batch: Batch, weight: torch.Tensor) -> float:
+    """sum(w_src * mask) over the batch: the denominator of `weighted_loss`."""
+    m = (torch.ones(batch.input_ids.shape[0], batch.input_ids.shape[1] - 1) if batch.loss_mask is None
+         else batch.loss_mask)
+    return float((weight.double()[:, None] * m.double()).sum())
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -140,8 +166,16 @@ class Trainer:
                  progress: bool = True):
         self.model, self.sampler, self.cfg = model.to(device), sampler, cfg
         self.device, self.meter, self.out_dir = device, meter, Path(out_dir)
-        self.hook, self.hook_every, self.desc, self.progress = hook, hook_every, desc, progress
-        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * sampler.context
+        self.hook, self.hook_every, self.desc = hook, hook_every, desc
+        distributed.init()
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.progress = progress and distributed.is_main()
+        # cfg.batch_size is per rank; the sampler draws the global micro-batch (see the docstring).
+        if sampler.batch_size != cfg.batch_size * self.world:
+            raise ValueError(f"the sampler draws {sampler.batch_size} rows, but batch_size {cfg.batch_size} x "
+                             f"{self.world} ranks = {cfg.batch_size * self.world}")
+        # tokens of one optimizer step over all ranks: the budget, the schedule and the cost count these
+        self.tokens_per_step = cfg.batch_size * self.world * cfg.grad_accum * sampler.context
         self.total_steps = max(1, math.ceil(cfg.tokens / self.tokens_per_step))
         self.n_params = flop_params(model)
         # fused AdamW (one kernel over all parameters) where torch has it for the
@@ -166,7 +200,8 @@ class Trainer:
                 "hook": self.hook.state_dict() if hasattr(self.hook, "state_dict") else None}
 
     def save_checkpoint(self) -> None:
-        _atomic_save(self.state_dict(), self.ckpt_path)
+        if distributed.is_main():  # every rank holds the same state
+            _atomic_save(self.state_dict(), self.ckpt_path)
 
     def _resume(self) -> None:
         state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
@@ -182,7 +217,7 @@ class Trainer:
         self.cost = Cost.from_dict(state["cost"])
         self.meter.add(self.cost)
         # Forget metrics written after the checkpoint: they are about to be redone.
-        if self.metrics_path.exists():
+        if distributed.is_main() and self.metrics_path.exists():
             rows = [r for r in self.metrics_path.read_text().splitlines() if r.strip()]
             kept = [r for r in rows if json.loads(r)["step"] <= self.step]
             tmp = self.metrics_path.with_suffix(".tmp")
@@ -212,19 +247,22 @@ class Trainer:
         """Run to the end (or `stop_after` optimizer steps, for tests of resuming);
         returns the last logged metrics."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()  # every rank decides on resuming from the same checkpoint.pt
         if self.ckpt_path.exists():
             self._resume()
         self.model.train()
         accum, last = self.cfg.grad_accum, {}
         names = self.sampler.names
+        mine = slice(self.rank * self.cfg.batch_size, (self.rank + 1) * self.cfg.batch_size)
         t0 = time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, disable=not self.progress,
                    leave=False)
-        with open(self.metrics_path, "a") as log:
+        with open(self.metrics_path, "a") if distributed.is_main() else nullcontext() as log:
             while self.step < self.total_steps:
-                loss_sum, src_losses = 0.0, {}
+                loss_sum, src_stats = 0.0, []
                 for _ in range(accum):
-                    batch = self.sampler.next_batch()
+                    full = self.sampler.next_batch()
+                    batch = full if self.world == 1 else full.rows(mine)
                     call_hook = self.hook is not None and self.micro_step % self.hook_every == 0
                     if call_hook and getattr(self.hook, "needs_token_losses", False):
                         # After the forward, before the backward: the method reads this
@@ -242,11 +280,18 @@ class Trainer:
                             self.hook(self, StepInfo(self.step, self.micro_step, batch))
                             batch.weight = self.sampler.weights_of(batch.source)
                         loss, tok_loss = self.micro_batch_loss(batch)
+                    if self.world > 1:
+                        # The rank's loss is normalised by its own rows' weight sum; rescale it to
+                        # the global micro-batch's, so the mean over ranks (of losses and of
+                        # gradients) is one process's weighted mean, whatever weights or masks
+                        # each rank's rows carry. Exactly 1 for plain sampling without masks.
+                        full_norm = loss_normaliser(full, self.sampler.weights_of(full.source))
+                        loss = loss * (self.world * loss_normaliser(batch, batch.weight) / max(full_norm, 1e-12))
                     (loss / accum).backward()
                     loss_sum += float(loss.detach()) / accum
                     self.micro_step += 1
-                    for n, v in source_means(tok_loss, batch, names).items():
-                        src_losses.setdefault(n, []).append(v)
+                    src_stats.append(source_stats(tok_loss, batch, len(names)))
+                distributed.average_gradients(self.model.parameters())  # no-op for one process
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -257,12 +302,20 @@ class Trainer:
                 self.cost.tokens += self.tokens_per_step
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                    # over all ranks: the global micro-batches' loss and per-source losses
+                    loss_sum = float(distributed.all_reduce_mean(torch.tensor(loss_sum, dtype=torch.float64)))
+                    stats = distributed.all_reduce_mean(torch.stack(src_stats))  # [accum, K, 3]
+                    source_loss = {}
+                    for k, n in enumerate(names):  # mean over the micro-batches that drew source k
+                        seen = stats[:, k, 2] > 0
+                        if seen.any():
+                            source_loss[n] = float((stats[seen, k, 0] / stats[seen, k, 1].clamp_min(1e-12)).mean())
                     last = {"step": self.step, "tokens": self.step * self.tokens_per_step,
                             "loss": loss_sum, "grad_norm": float(grad_norm),
-                            "lr": self.scheduler.get_last_lr()[0],
-                            "source_loss": {n: sum(v) / len(v) for n, v in src_losses.items()}}
-                    log.write(json.dumps(last) + "\n")
-                    log.flush()
+                            "lr": self.scheduler.get_last_lr()[0], "source_loss": source_loss}
+                    if log is not None:
+                        log.write(json.dumps(last) + "\n")
+                        log.flush()
                     bar.set_postfix(loss=f"{loss_sum:.3f}")
                 if self.step % self.cfg.ckpt_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
@@ -272,4 +325,5 @@ class Trainer:
                 if stop_after is not None and self.step >= stop_after:
                     break
         bar.close()
+        distributed.barrier()  # rank 0's checkpoint is on disk before any rank reads the folder
         return last
