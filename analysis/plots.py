@@ -22,11 +22,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # headless: CI, SLURM nodes, notebooks executed by nbclient
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
 
-from analysis.tables import TableError, hours_label, load_results, mixtures_table, quality, summarize  # noqa: E402
-from fastmix import records  # noqa: E402
+from analysis.tables import TableError, hours_label, load_results, mixtures_table, quality, summarize
+from fastmix import records
 
 NO_SEARCH_HOURS = 1e-4  # a search cheaper than this (0.36 s) is "no search": drawn as a line
 

@@ -31,8 +31,9 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):  # not Linux: the platform's name will do
         pass
     import torch
     gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
@@ -54,7 +55,10 @@ def readme_section(sweep: Path, texts: dict[str, str], figure: Path, readme: Pat
              f"Measured {time.strftime('%Y-%m-%d')} on {machine()}; {len(df)} jobs "
              f"({df['method'].nunique()} methods x {df['seed'].nunique()} seeds)"
              + (f", {wall * 60:.0f} min of wall time" if wall else "") + f". Regenerate with `{command}`.",
-             "", texts["results"], "", f"![cost versus quality]({rel})", "",
+             "", texts["results"], ""]
+    if "val_loss" in texts:
+        lines += ["Validation loss of each target per source (lower is better):", "", texts["val_loss"], ""]
+    lines += [f"![cost versus quality]({rel})", "",
              "Mixtures found (mean over seeds):", "", texts["mixtures"]]
     if "reported" in texts:
         lines += ["", "Beside the papers' reported figures (analysis/reported.yaml):", "", texts["reported"]]

@@ -9,6 +9,8 @@ into <folder>/tables/ (or --out), as Markdown, CSV and LaTeX:
   many benchmarks the method is best, the search's device-hours (named
   GPU-hours only when every search ran on GPUs), FLOPs, proxy runs and cost
   as a multiple of FastMix's device-hours; mean ± std over seeds.
+* val_loss: the same layout over each source's validation loss of the
+  target (when the main table holds benchmark scores).
 * mixtures: the found weights side by side, a column per method.
 
 With --paper, the figures the papers report (analysis/reported.yaml) are
@@ -64,19 +66,20 @@ def _columns(df: pd.DataFrame, prefix: str) -> list[str]:
     return [c for c in df.columns if c.startswith(prefix)]
 
 
-def quality(df: pd.DataFrame) -> tuple[list[str], bool, float]:
+def quality(df: pd.DataFrame, metric: str = "auto") -> tuple[list[str], bool, float]:
     """(the per-benchmark columns, higher-is-better, display scale): benchmark
-    accuracies in % when the suite scored any, else per-source validation loss."""
+    accuracies in % when the suite scored any (metric auto), else (or with
+    metric val) each source's validation loss."""
     scores = [c for c in _columns(df, "score:") if df[c].notna().any()]
-    if scores:
+    if scores and metric == "auto":
         return scores, True, 100.0
     return _columns(df, "val:"), False, 1.0
 
 
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
+def summarize(df: pd.DataFrame, metric: str = "auto") -> pd.DataFrame:
     """Per method: mean and std over seeds of every benchmark, the average,
     the best count and the search cost (columns `<name>` and `<name> std`)."""
-    bench, higher, scale = quality(df)
+    bench, higher, scale = quality(df, metric)
     df = df.copy()
     df[bench] = df[bench] * scale
     df["average"] = df[bench].mean(axis=1)
@@ -105,10 +108,10 @@ def _cell(mean: float, std: float, fmt: str, pm: str) -> str:
     return f"{mean:{fmt}}" if pd.isna(std) else f"{mean:{fmt}}{pm}{std:{fmt}}"
 
 
-def results_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The paper-layout table of strings: a row per method."""
-    s = summarize(df)
-    bench, higher, _ = quality(df)
+def results_table(df: pd.DataFrame, metric: str = "auto") -> pd.DataFrame:
+    """The paper-layout table of strings: a row per method (metric: see `quality`)."""
+    s = summarize(df, metric)
+    bench, higher, _ = quality(df, metric)
     pm, fmt = " ± ", (".1f" if higher else ".3f")
     table = pd.DataFrame(index=s.index)
     for c in bench:
@@ -159,6 +162,8 @@ def write_tables(root: Path, out: Path | None = None, paper: str | None = None) 
     out = Path(out) if out else Path(root) / "tables"
     results, mixtures = results_table(df), mixtures_table(df)
     texts = {"results": results.to_markdown(), "mixtures": mixtures.to_markdown(floatfmt=".3f")}
+    if quality(df)[1]:  # benchmark scores: the validation losses get a table of their own
+        texts["val_loss"] = results_table(df, "val").to_markdown()
     if paper:
         texts["reported"] = reported_beside(df, paper).to_markdown(floatfmt=".3g")
     files = {"results.md": texts["results"] + "\n",
@@ -169,6 +174,8 @@ def write_tables(root: Path, out: Path | None = None, paper: str | None = None) 
              "mixtures.tex": mixtures.to_latex(float_format="%.3f", escape=True),
              "mixtures.csv": mixtures.to_csv(),
              "runs.csv": df.to_csv(index=False)}
+    if "val_loss" in texts:
+        files["val_loss.md"] = texts["val_loss"] + "\n"
     if paper:
         files["reported.md"] = texts["reported"] + "\n"
     for name, text in files.items():

@@ -62,7 +62,7 @@ def expected_jobs(config: DictConfig) -> int | None:
         params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
         parsed = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
         return sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
-    except Exception:  # a custom sweeper: no count, the summary still lists what reported
+    except Exception:  # noqa: BLE001 -- a custom sweeper's params: no count, the summary still lists what reported
         return None
 
 
