@@ -23,6 +23,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: CI, SLURM nodes, notebooks executed by nbclient
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import pandas as pd
 
 from analysis.tables import TableError, hours_label, load_results, mixtures_table, quality, summarize
@@ -42,9 +43,9 @@ def pareto_front(cost: pd.Series, value: pd.Series, higher: bool) -> list[str]:
     return front
 
 
-def cost_vs_quality(df: pd.DataFrame, ax=None):
-    s = summarize(df)
-    _, higher, _ = quality(df)
+def cost_vs_quality(df: pd.DataFrame, ax=None, metric: str = "auto"):
+    s = summarize(df, metric)
+    _, higher, _ = quality(df, metric)
     ax = ax or plt.subplots(figsize=(6, 4))[1]
     searched = s[s["search_hours"] >= NO_SEARCH_HOURS]
     for m, row in searched.iterrows():
@@ -60,6 +61,7 @@ def cost_vs_quality(df: pd.DataFrame, ax=None):
         ax.plot(searched.loc[front, "search_hours"], searched.loc[front, "average"], "k-", lw=1, alpha=0.5,
                 label="Pareto front")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
     ax.set_xlabel(f"search cost ({hours_label(df)}, log scale)")
     ax.set_ylabel("average score (%)" if higher else "average validation loss (lower is better)")
     if len(searched):
@@ -112,6 +114,8 @@ def write_plots(root: Path, out: Path | None = None) -> list[Path]:
     out = Path(out) if out else Path(root) / "plots"
     out.mkdir(parents=True, exist_ok=True)
     figures = {"cost_vs_quality": cost_vs_quality, "mixtures": mixture_bars, "val_loss": val_loss_bars}
+    if quality(df)[1]:  # benchmark scores: the validation loss gets its own cost plot
+        figures["cost_vs_val_loss"] = lambda d: cost_vs_quality(d, metric="val")
     if (df["method"] == "fastmix").any():
         figures["fastmix_weights"] = fastmix_weights
     written = []

@@ -58,8 +58,10 @@ def readme_section(sweep: Path, texts: dict[str, str], figure: Path, readme: Pat
              "", texts["results"], ""]
     if "val_loss" in texts:
         lines += ["Validation loss of each target per source (lower is better):", "", texts["val_loss"], ""]
-    lines += [f"![cost versus quality]({rel})", "",
-             "Mixtures found (mean over seeds):", "", texts["mixtures"]]
+    lines += [f"![cost versus quality]({rel})", ""]
+    if figure.with_name(figure.name.replace("quality", "val_loss")).exists():
+        lines += [f"![cost versus validation loss]({rel.replace('quality', 'val_loss')})", ""]
+    lines += ["Mixtures found (mean over seeds):", "", texts["mixtures"]]
     if "reported" in texts:
         lines += ["", "Beside the papers' reported figures (analysis/reported.yaml):", "", texts["reported"]]
     return "\n".join(lines + [END])
@@ -77,7 +79,9 @@ def report(sweep: Path, paper: str | None = None, readme: Path | None = None,
             raise TableError(f"{readme} has no {START} ... {END} markers: add them where the results go")
         figure = readme.parent / "docs" / "figures" / f"{sweep.name}_cost_vs_quality.png"
         figure.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(next(p for p in plots if p.stem == "cost_vs_quality"), figure)
+        for p in plots:
+            if p.stem.startswith("cost_vs_"):
+                shutil.copyfile(p, figure.with_name(f"{sweep.name}_{p.stem}.png"))
         head, rest = text.split(START, 1)
         records.write_text_atomic(readme, head + readme_section(sweep, texts, figure, readme, command)
                                   + rest.split(END, 1)[1])

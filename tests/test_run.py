@@ -42,19 +42,7 @@ def test_smoke_end_to_end(smoke_args, tiny_corpus, tmp_path):
     assert metrics[-1]["step"] > metrics[0]["step"] and set(metrics[-1]["source_loss"]) <= set(sources)
 
 
-def test_two_job_sweep_and_rerun_skips(smoke_args, tmp_path):
-    r = run_cli(["-m", "optimizer=uniform,natural", *smoke_args], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    jobs = sorted((tmp_path / "outputs" / "sweep" / "smoke").glob("*optimizer=*"))
-    assert len(jobs) == 2 and all((j / "DONE").exists() for j in jobs)
-    w = {j.name: json.loads((j / "result.json").read_text())["weights"] for j in jobs}
-    uni = next(v for k, v in w.items() if "uniform" in k)
-    nat = next(v for k, v in w.items() if "natural" in k)
-    assert len(set(uni.values())) == 1 and len(set(round(v, 6) for v in nat.values())) > 1
-    stamp = [(j / "result.json").stat().st_mtime for j in jobs]
-    r = run_cli(["-m", "optimizer=uniform,natural", *smoke_args], cwd=tmp_path)
-    assert r.returncode == 0 and "skipped" in r.stdout + r.stderr
-    assert stamp == [(j / "result.json").stat().st_mtime for j in jobs]
+# Sweeps (launchers, re-runs that skip, failures, the summary) are in test_sweep.py.
 
 
 def bad_weights(sources, kind):

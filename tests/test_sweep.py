@@ -149,15 +149,23 @@ def test_experiments_compose(name):
         assert dict(cfg.objective.weights) == {"pile_cc": 1.0}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["experiment=paper_pretrain"], "data.root is not set"),
-    (["experiment=paper_pretrain", "data.root=."], "fix data.files.arxiv"),
-    (["experiment=paper_posttrain"], "data.root is not set"),
-])
-def test_paper_experiments_stop_before_downloading(args, message, tmp_path):
-    r = run_cli(args, cwd=tmp_path)
-    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+def test_paper_experiment_stops_before_downloading(tmp_path):
+    r = run_cli(["experiment=paper_pretrain"], cwd=tmp_path)
+    assert r.returncode == 2 and "data.root is not set" in r.stderr, r.stderr[-2000:]
     assert not list(tmp_path.rglob("DONE"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["experiment=paper_pretrain", "data.root=/nonexistent"], "fix data.files.arxiv"),
+    (["experiment=paper_pretrain", f"data.root={REPO}"], "fix data.files.arxiv"),
+    (["experiment=paper_posttrain"], "data.root is not set"),
+    (["experiment=paper_posttrain", f"data.root={REPO / 'data' / 'embedded'}"], "data.tokenizer.path is not set"),
+])
+def test_paper_experiment_data_errors(overrides, message):
+    from fastmix.data import prepare_corpus
+    from fastmix.errors import UserError
+    with pytest.raises(UserError, match=message.replace(".", r"\.")):
+        prepare_corpus(compose(overrides).data)
 
 
 # ---------------------------------------------------------------- hand-made records
