@@ -21,7 +21,8 @@ from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")  # headless: CI, SLURM nodes, notebooks executed by nbclient
+if "ipykernel" not in sys.modules:  # a notebook keeps its inline backend; elsewhere headless files
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import matplotlib.ticker
 import pandas as pd
