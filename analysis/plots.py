@@ -27,7 +27,15 @@ import matplotlib.pyplot as plt
 import matplotlib.ticker
 import pandas as pd
 
-from analysis.tables import TableError, hours_label, load_results, mixtures_table, quality, summarize
+from analysis.tables import (
+    TableError,
+    hours_label,
+    load_results,
+    mixtures_table,
+    per_source,
+    quality,
+    summarize,
+)
 from fastmix import records
 
 NO_SEARCH_HOURS = 1e-4  # a search cheaper than this (0.36 s) is "no search": drawn as a line
@@ -99,9 +107,7 @@ def fastmix_weights(df: pd.DataFrame, ax=None):
 
 
 def val_loss_bars(df: pd.DataFrame, ax=None):
-    cols = [c for c in df.columns if c.startswith("val:")]
-    v = df.groupby("method", sort=False)[cols].mean().T
-    v.index = [c.split(":", 1)[1] for c in v.index]
+    v = per_source(df, "val")
     ax = ax or plt.subplots(figsize=(7, 4))[1]
     v.plot.bar(ax=ax, width=0.8)
     ax.set_ylim(v.min().min() * 0.97, v.max().max() * 1.02)

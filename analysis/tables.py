@@ -127,12 +127,18 @@ def results_table(df: pd.DataFrame, metric: str = "auto") -> pd.DataFrame:
     return table
 
 
+def per_source(df: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    """The mean over seeds of the `<prefix>:<source>` columns: a row per source, a
+    column per method."""
+    t = df.groupby("method", sort=False)[_columns(df, f"{prefix}:")].mean().T
+    t.index = [c.split(":", 1)[1] for c in t.index]
+    t.index.name = "source"
+    return t
+
+
 def mixtures_table(df: pd.DataFrame) -> pd.DataFrame:
     """Mean weight of each source (rows) per method (columns)."""
-    w = df.groupby("method", sort=False)[_columns(df, "weight:")].mean().T
-    w.index = [c.split(":", 1)[1] for c in w.index]
-    w.index.name = "source"
-    return w
+    return per_source(df, "weight")
 
 
 def reported_beside(df: pd.DataFrame, setting: str) -> pd.DataFrame:

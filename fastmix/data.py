@@ -79,11 +79,13 @@ def discover_sources(data_cfg) -> dict[str, SourceSpec]:
         root = data_cfg.get("root")  # relative file paths are under data.root when it is set
         for name, paths in (data_cfg.files or {}).items():
             files = []
-            for p in ([paths] if isinstance(paths, str) else paths):
-                p = abspath(Path(root) / p if root and not Path(p).is_absolute() else p)
+            for entry in ([paths] if isinstance(paths, str) else paths):
+                relative = not Path(entry).is_absolute()
+                p = abspath(Path(root) / entry if root and relative else entry)
                 if not p.exists():
-                    hint = (f"data.root is not set: pass data.root=/path/to/the/folder holding {Path(p).name}"
-                            if not root and not Path(str(paths)).is_absolute() else f"fix data.files.{name}")
+                    hint = (f"data.root is not set (relative paths in data.files are read under it): pass "
+                            f"data.root=/path/to/the/folder holding {entry}, or fix data.files.{name}"
+                            if relative and not root else f"fix data.files.{name}")
                     raise UserError(f"source '{name}': file {p} does not exist; {hint}.")
                 files += _files_under(p)
             specs[name] = SourceSpec(name, files, text_field=text_field)

@@ -121,13 +121,11 @@ def masked_mean(tok_loss: torch.Tensor, batch: Batch, rows: torch.Tensor | None 
 def source_stats(tok_loss: torch.Tensor, batch: Batch, n_sources: int) -> torch.Tensor:
     """[K, 3] float64 per source: sum of counted token losses, counted tokens, rows.
     Sums, not means, so data-parallel ranks can add theirs up."""
-    tl = tok_loss.detach().double().cpu()
-    m = torch.ones_like(tl) if batch.loss_mask is None else batch.loss_mask.double().cpu()
-    src, out = batch.source.cpu(), torch.zeros(n_sources, 3, dtype=torch.float64)
-    out[:, 0].index_add_(0, src, (tl * m).sum(1))
-    out[:, 1].index_add_(0, src, m.sum(1))
-    out[:, 2].index_add_(0, src, torch.ones(len(src), dtype=torch.float64))
-    return out
+    # Reduced per row where the losses are, so only [K, 3] numbers cross to the host.
+    tl = tok_loss.detach().double()
+    m = torch.ones_like(tl) if batch.loss_mask is None else batch.loss_mask.to(tl.device).double()
+    rows = torch.stack([(tl * m).sum(1), m.sum(1), torch.ones_like(tl[:, 0])], dim=1).cpu()
+    return torch.zeros(n_sources, 3, dtype=torch.float64).index_add_(0, batch.source.cpu(), rows)
 
 
 def loss_normaliser(batch: Batch, weight: torch.Tensor) -> float:
@@ -260,6 +258,8 @@ class Trainer:
         with open(self.metrics_path, "a") if distributed.is_main() else nullcontext() as log:
             while self.step < self.total_steps:
                 loss_sum, src_stats = 0.0, []
+                # per-source losses are only needed for a step that is logged
+                logged = (self.step + 1) % self.cfg.log_every == 0 or self.step + 1 == self.total_steps
                 for _ in range(accum):
                     full = self.sampler.next_batch()
                     batch = full if self.world == 1 else full.rows(mine)
@@ -290,7 +290,8 @@ class Trainer:
                     (loss / accum).backward()
                     loss_sum += float(loss.detach()) / accum
                     self.micro_step += 1
-                    src_stats.append(source_stats(tok_loss, batch, len(names)))
+                    if logged:
+                        src_stats.append(source_stats(tok_loss, batch, len(names)))
                 distributed.average_gradients(self.model.parameters())  # no-op for one process
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
                 self.optimizer.step()
@@ -301,7 +302,7 @@ class Trainer:
                 self.cost.flops += 6.0 * self.n_params * self.tokens_per_step
                 self.cost.tokens += self.tokens_per_step
                 bar.update(1)
-                if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                if logged:
                     # over all ranks: the global micro-batches' loss and per-source losses
                     loss_sum = float(distributed.all_reduce_mean(torch.tensor(loss_sum, dtype=torch.float64)))
                     stats = distributed.all_reduce_mean(torch.stack(src_stats))  # [accum, K, 3]
