@@ -55,12 +55,20 @@ def readme_section(sweep: Path, texts: dict[str, str], figure: Path, readme: Pat
              f"Measured {time.strftime('%Y-%m-%d')} on {machine()}; {len(df)} jobs "
              f"({df['method'].nunique()} methods x {df['seed'].nunique()} seeds)"
              + (f", {wall * 60:.0f} min of wall time" if wall else "") + f". Regenerate with `{command}`.",
+             "",
+             "Every score is measured on the test split, which no search read. The headline is the first "
+             "column, the job's objective on the test split (lower is better), mean ± std over seeds; "
+             "`≈` marks a method within noise of the best: paired by seed, the 95% t-interval of its "
+             "mean difference to the best reaches 0 (analysis/tables.py `within_noise`).",
              "", texts["results"], ""]
     if "val_loss" in texts:
-        lines += ["Validation loss of each target per source (lower is better):", "", texts["val_loss"], ""]
+        lines += ["Test-split loss of each target per source (lower is better):", "", texts["val_loss"], ""]
+    objective_fig = figure.with_name(figure.name.replace("quality", "objective"))
+    if objective_fig.exists():
+        lines += [f"![cost versus objective loss]({rel.replace('quality', 'objective')})", ""]
     lines += [f"![cost versus quality]({rel})", ""]
     if figure.with_name(figure.name.replace("quality", "val_loss")).exists():
-        lines += [f"![cost versus validation loss]({rel.replace('quality', 'val_loss')})", ""]
+        lines += [f"![cost versus test-split loss]({rel.replace('quality', 'val_loss')})", ""]
     lines += ["Mixtures found (mean over seeds):", "", texts["mixtures"]]
     if "reported" in texts:
         lines += ["", "Beside the papers' reported figures (analysis/reported.yaml):", "", texts["reported"]]

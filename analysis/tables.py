@@ -4,12 +4,17 @@
 result.json under the folder into one pandas frame (a row per job) and writes,
 into <folder>/tables/ (or --out), as Markdown, CSV and LaTeX:
 
-* results: one row per method, a column per benchmark (accuracy in %, or each
-  source's validation loss when the suite scored none), the average, on how
+* results: one row per method, ordered by the headline: the job's objective
+  measured on the test split (lower is better; `≈` marks every method whose
+  mean is within noise of the best, see `within_noise`); then a column per
+  benchmark (accuracy in %, or each source's test-split loss when the suite
+  scored none), the average, on how
   many benchmarks the method is best, the search's device-hours (named
   GPU-hours only when every search ran on GPUs), FLOPs, proxy runs and cost
-  as a multiple of FastMix's device-hours; mean ± std over seeds.
-* val_loss: the same layout over each source's validation loss of the
+  as a multiple of FastMix's device-hours; mean ± std over seeds. A method
+  that checks its own proxy (DeMix: merged scores against trained proxies)
+  shows the check, flagged when it failed.
+* val_loss: the same layout over each source's test-split loss of the
   target (when the main table holds benchmark scores).
 * mixtures: the found weights side by side, a column per method.
 
@@ -25,11 +30,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
+from scipy import stats
 
 from fastmix import records
 
 REPORTED = Path(__file__).with_name("reported.yaml")
 COST_COLS = ["search_hours", "search_flops", "proxy_runs"]
+NOISE_LEVEL = 0.95  # two-sided confidence of the paired-by-seed interval in `within_noise`
 
 
 class TableError(ValueError):
@@ -54,7 +61,11 @@ def load_results(root: Path) -> pd.DataFrame:
         row = {"method": r["optimizer"], "seed": r["seed"], "dir": str(p.parent), "suite": r.get("eval_suite"),
                "device": cost["device"], "search_hours": cost["device_hours"], "search_flops": cost["flops"],
                "proxy_runs": cost["proxy_runs"], "eval_average": r.get("eval_average"),
-               "val_loss_average": r["val_loss_average"], "objective_loss": r["objective_loss"]}
+               "val_loss_average": r["val_loss_average"], "objective_loss": r["objective_loss"],
+               "eval_split": r.get("eval_split", "val")}  # rows from before test-split scoring say val
+        check = (r.get("search_info") or {}).get("proxy_check")
+        if check:
+            row.update({"check_spearman": check.get("spearman"), "check_passed": check.get("passed")})
         row.update({f"score:{k}": v for k, v in (r.get("eval") or {}).items()})
         row.update({f"val:{k}": v for k, v in r["val_loss"].items()})
         row.update({f"weight:{k}": v for k, v in r["weights"].items()})
@@ -76,14 +87,37 @@ def quality(df: pd.DataFrame, metric: str = "auto") -> tuple[list[str], bool, fl
     return _columns(df, "val:"), False, 1.0
 
 
+def within_noise(df: pd.DataFrame, column: str = "objective_loss", level: float = NOISE_LEVEL) -> pd.Series:
+    """Per method: is its mean `column` (lower is better) within noise of the best
+    method's? Paired by seed: d_s = method - best on every seed both ran; within
+    noise when the two-sided `level` t-interval of mean(d) reaches 0, i.e.
+    mean(d) <= t_{(1+level)/2, n-1} * sd(d) / sqrt(n). The best method is within
+    noise of itself; a method sharing fewer than 2 seeds with it is not marked
+    (its noise is unknown)."""
+    per_seed = df.pivot_table(index="seed", columns="method", values=column, aggfunc="mean")
+    best = per_seed.mean().idxmin()
+    out = {}
+    for m in per_seed.columns:
+        d = (per_seed[m] - per_seed[best]).dropna()
+        if m == best:
+            out[m] = True
+        elif len(d) < 2:
+            out[m] = False
+        else:
+            half = stats.t.ppf((1 + level) / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+            out[m] = bool(d.mean() <= half)
+    return pd.Series(out)
+
+
 def summarize(df: pd.DataFrame, metric: str = "auto") -> pd.DataFrame:
-    """Per method: mean and std over seeds of every benchmark, the average,
-    the best count and the search cost (columns `<name>` and `<name> std`)."""
+    """Per method: mean and std over seeds of the objective's test loss (the
+    headline, with `within_noise`), every benchmark, the average, the best count
+    and the search cost (columns `<name>` and `<name> std`), best first."""
     bench, higher, scale = quality(df, metric)
     df = df.copy()
     df[bench] = df[bench] * scale
     df["average"] = df[bench].mean(axis=1)
-    cols = bench + ["average"] + COST_COLS
+    cols = ["objective_loss"] + bench + ["average"] + COST_COLS
     g = df.groupby("method", sort=False)
     mean, std = g[cols].mean(), g[cols].std(ddof=1)  # one seed -> NaN std, shown as a bare mean
     out = mean.join(std.add_suffix(" std"))
@@ -93,8 +127,13 @@ def summarize(df: pd.DataFrame, metric: str = "auto") -> pd.DataFrame:
     out["best_on"] = sum(np.isclose(mean[c], best[c], rtol=0, atol=1e-9).astype(int) for c in bench)
     ref = out["search_hours"].get("fastmix")
     out["x_fastmix"] = out["search_hours"] / ref if ref else np.nan
-    order = out["average"].sort_values(ascending=not higher).index
-    return out.loc[order]
+    out["within_noise"] = within_noise(df)
+    if "check_passed" in df:  # a method's own proxy check (DeMix): failed if any seed's failed
+        checked = df.dropna(subset=["check_passed"]).groupby("method")
+        out["check_spearman"] = checked["check_spearman"].mean()
+        out["check_passed"] = checked["check_passed"].all()
+    out["eval_split"] = g["eval_split"].agg(lambda s: "/".join(sorted(set(s))))
+    return out.sort_values("objective_loss", kind="stable")
 
 
 def hours_label(df: pd.DataFrame) -> str:
@@ -114,6 +153,9 @@ def results_table(df: pd.DataFrame, metric: str = "auto") -> pd.DataFrame:
     bench, higher, _ = quality(df, metric)
     pm, fmt = " ± ", (".1f" if higher else ".3f")
     table = pd.DataFrame(index=s.index)
+    split = "/".join(sorted(set(s["eval_split"]))) or "test"
+    table[f"Objective loss ({split})"] = [("≈ " if near else "") + _cell(m, v, ".3f", pm) for m, v, near in
+                                         zip(s["objective_loss"], s["objective_loss std"], s["within_noise"])]
     for c in bench:
         table[c.split(":", 1)[1]] = [_cell(m, v, fmt, pm) for m, v in zip(s[c], s[f"{c} std"])]
     table["Avg" if higher else "Avg loss"] = [_cell(m, v, fmt, pm) for m, v in zip(s["average"], s["average std"])]
@@ -123,6 +165,9 @@ def results_table(df: pd.DataFrame, metric: str = "auto") -> pd.DataFrame:
     table["Proxy runs"] = [f"{p:g}" for p in s["proxy_runs"]]
     table["x FastMix"] = ["-" if pd.isna(x) else f"{x:.3g}" for x in s["x_fastmix"]]
     table["Seeds"] = s["seeds"].astype(int)
+    if "check_passed" in s:
+        table["Proxy check"] = ["-" if pd.isna(ok) else f"ρ={r:.2f} " + ("ok" if ok else "FAILED")
+                                for r, ok in zip(s["check_spearman"], s["check_passed"])]
     table.index.name = "Method"
     return table
 

@@ -9,24 +9,32 @@ via baselines.regmix) for every Dirichlet draw.
 
 * Round 1: n_1 mixtures (64 in the paper) from the Dirichlet generator around
   the token-share prior; one proxy each through `ctx.run_proxies`.
-* Predictor: LightGBM with shallow, regularised trees, refit every round on
-  all proxies so far (paper: a LightGBM regressor; small data, so shallow).
+* Predictor: LightGBM refit every round on all proxies so far, regularised as
+  the paper lists for its ~100 runs: L1 and L2 terms, early stopping after 20
+  rounds without improvement on held-out runs, depth 4, >= 5 runs per leaf.
+  We hold out 20% of the runs to pick the number of rounds and refit on all
+  (RegMix's protocol); the objective is standardised before the fit so the L1
+  term means the same for any objective; the small presets allow 2 / 1 runs
+  per leaf (8 and 3 runs in round 1).
 * Rounds k >= 2 (32, then 16 in the paper): sample many candidates from the
   whole search space (the same generator), predict, keep the best predicted
   `explore_pool` x n_k (pruning), draw n_k of them uniformly (the paper's
   exploration: random choice among the top-ranked instead of the top n_k),
   train those, refit.
-* Output: the mixture with the best predicted objective under the final
-  predictor, over fresh candidates and the trained mixtures (the paper's
-  argmin of the predictor); `output_top_k > 1` averages the best k instead.
+* Output: the best predicted mixture under the final predictor (paper), taken
+  as the mean of the `output_top_k` best predicted among fresh candidates and
+  the trained mixtures (RegMix's top-k average; the paper does not say how
+  many). A tree ensemble is piecewise constant, so its argmin is a region of
+  tied candidates: one of them (k = 1) is an arbitrary, often near one-hot,
+  point of it; the mean of k is near its centre.
 
 The optional clustering stage (Sec. 3.1: embed, k-means, prune, merge; the
 mixture is then over clusters) lives in baselines/clustering.py and runs
 through `prepare_corpus` when `clustering.enabled` is true.
 
-Choices the paper leaves open (docs/DECISIONS.md, "RegMix and CLIMB"): the
-candidate count, the exploration pool, the tree settings and the generator's
-parameters (RegMix's published ones).
+Choices the paper leaves open (docs/DECISIONS.md, "CLIMB"): the candidate
+count, the exploration pool, the top-k of the output, the L1/L2 values, the
+held-out share and the generator's parameters (RegMix's published ones).
 """
 from __future__ import annotations
 
@@ -63,34 +71,61 @@ def _key(w: np.ndarray) -> tuple:
     return tuple(np.round(w, 9))
 
 
+class Standardised:
+    """A regressor fit on (y - mean) / std of the finite objectives and predicting in
+    the objective's units: LightGBM's L1 term (reg_alpha) thresholds sums of residuals,
+    so standardising gives it the same meaning for a loss in nats or an accuracy."""
+
+    def __init__(self, reg: Regressor):
+        self.reg, self.mean, self.std, self.info = reg, 0.0, 1.0, {}
+
+    def fit(self, X, y) -> Standardised:
+        y = np.asarray(y, dtype=np.float64)
+        ok = y[np.isfinite(y)]  # non-finite runs stay non-finite and the regressor drops them
+        self.mean = float(ok.mean()) if len(ok) else 0.0
+        self.std = float(ok.std()) if len(ok) > 1 and ok.std() > 0 else 1.0
+        self.reg.fit(X, (y - self.mean) / self.std)
+        self.info = {**self.reg.info, "target_mean": self.mean, "target_std": self.std}
+        return self
+
+    def predict(self, X) -> np.ndarray:
+        return self.reg.predict(X) * self.std + self.mean
+
+
 class Climb:
     name = "climb"
 
     def __init__(self, scale: str = "demo", paper: dict | None = None, demo: dict | None = None,
                  smoke: dict | None = None, regressor: str = "lightgbm", lightgbm: dict | None = None,
-                 explore_pool: float = 4.0, output_top_k: int = 1, clustering: dict | None = None,
-                 **generator):
+                 early_stopping_rounds: int = 20, early_stopping_holdout: float = 0.2,
+                 explore_pool: float = 4.0, clustering: dict | None = None, **generator):
         preset = pick_preset("climb", scale, {"paper": paper, "demo": demo, "smoke": smoke},
-                             ("rounds", "n_candidates"))
+                             ("rounds", "n_candidates", "output_top_k"))
         self.rounds = [int(n) for n in preset.pop("rounds")]
         self.n_candidates = int(preset.pop("n_candidates"))
+        output_top_k = int(preset.pop("output_top_k"))
         if not self.rounds or self.rounds[0] < 2 or min(self.rounds) < 1:
             raise UserError(f"optimizer.{scale}.rounds is {self.rounds}; give proxies per round, the first "
                             ">= 2 (a predictor needs 2 runs), e.g. [64, 32, 16].")
         if not explore_pool >= 1:
             raise UserError(f"optimizer.explore_pool is {explore_pool}; set it >= 1 (1 = keep the top n).")
-        if not 1 <= int(output_top_k) <= self.n_candidates:
-            raise UserError(f"optimizer.output_top_k is {output_top_k}; set it in 1..{self.n_candidates}.")
         need = max([int(round(explore_pool * n)) for n in self.rounds[1:]] or [1])
         if self.n_candidates < need:
             raise UserError(f"optimizer.{scale}.n_candidates is {self.n_candidates}; rounds {self.rounds} "
                             f"with explore_pool {explore_pool} need at least {need}.")
+        if not 1 <= output_top_k <= self.n_candidates:
+            raise UserError(f"optimizer.{scale}.output_top_k is {output_top_k}; set it in 1..{self.n_candidates} "
+                            "(optimizer.<scale>.n_candidates).")
+        if int(early_stopping_rounds) < 0:
+            raise UserError(f"optimizer.early_stopping_rounds is {early_stopping_rounds}; set it >= 0 (0 = off).")
         self.generator = check_generator(**{**GENERATOR_DEFAULTS, **generator})
         self.regressor, self.lgbm_params = regressor, {**(lightgbm or {}), **preset}
-        self.explore_pool, self.output_top_k = float(explore_pool), int(output_top_k)
+        self.explore_pool, self.output_top_k = float(explore_pool), output_top_k
+        self.early_stopping_rounds, self.holdout = int(early_stopping_rounds), float(early_stopping_holdout)
         self.clustering = dict(clustering or {})
         self.clustering_params = {k: v for k, v in self.clustering.items() if k != "enabled"}
-        Regressor(regressor)  # an unknown regressor fails at build time, before any proxy trains
+        # an unknown regressor or a bad holdout fails at build time, before any proxy trains
+        Regressor(regressor, holdout=self.holdout)
 
     def prepare_corpus(self, corpus, cfg=None, meter=None):
         """The corpus to search over: unchanged, or its clusters (Sec. 3.1) when
@@ -109,9 +144,9 @@ class Climb:
             meter.add(charge)
         return clustered
 
-    def _fit(self, X, y, seed: int) -> Regressor:
-        # no early stopping: 64 runs leave too few to hold out; the shallow trees regularise
-        return Regressor(self.regressor, self.lgbm_params, early_stopping_rounds=0, seed=seed).fit(X, y)
+    def _fit(self, X, y, seed: int) -> Standardised:
+        reg = Regressor(self.regressor, self.lgbm_params, self.early_stopping_rounds, self.holdout, seed)
+        return Standardised(reg).fit(X, y)
 
     def _candidates(self, prior, rng, exclude: set) -> np.ndarray:
         gen = {**self.generator, "sample_multiplier": 1}  # x100 would be 100x the draws for nothing
@@ -164,7 +199,8 @@ class Climb:
                       "top_predicted": [float(predicted[i]) for i in top]})
         best = int(np.nanargmin(y))
         info = {"rounds": self.rounds, "n_proxies": len(y), "n_candidates": self.n_candidates,
-                "explore_pool": self.explore_pool, "output_top_k": self.output_top_k, "regressor": reg.info,
+                "explore_pool": self.explore_pool, "output_top_k": self.output_top_k,
+                "early_stopping_rounds": self.early_stopping_rounds, "regressor": reg.info,
                 "predicted_objective": chosen_pred,
                 "best_proxy": {"objective": float(y[best]),
                                "weights": dict(zip(sources, map(float, X[best])))}}

@@ -10,17 +10,22 @@ model), iterative_sample/train_predictor.py (predictor and narrowing).
 * A shared base: one proxy run on the natural mixture (public code: every
   component continues one mid-training checkpoint), kept on disk.
 * One component per source: a one-hot run continued from the base
-  (`init_from`), its own token budget (`component_tokens`), kept on disk.
+  (`init_from`), kept on disk, in the paper's regime: a short continuation
+  (`component_fraction` of the base's budget; the paper: 30B tokens from a strong
+  1.7B checkpoint) at a lower peak lr (`component_lr_scale` x the proxy's) after a
+  short warmup, so merging averages small updates of one strong model.
 * A mixture w is scored without training: theta(w) = sum_k w_k theta_k
   (`merge`), written in place into one model held in memory, then
   `ctx.objective.loss` on it (forward FLOPs charged; the merge's 2·K·P FLOPs
   too). No model is written to disk per candidate.
 * Generator (`demix_mixtures` = `generate_weights_dirichlet`): prior = token
   share; cap min(4 x prior, 1) on the un-tempered prior; Dirichlet(s x
-  prior^0.7) with s one of 15 strengths log-spaced in [0.5, 5]; a weight over
-  its cap is set to the cap and the whole row scaled so it sums to 1 again,
-  one weight after the other (not rejection, unlike RegMix); weights < 2e-4 ->
-  0, renormalise, round to multiples of 2e-4, renormalise; deduplicated.
+  prior^0.7) with s one of 15 strengths log-spaced in [0.5, 5]; weights over
+  their cap set to it and the rest of the row scaled up, repeated until every
+  cap holds (`cap_mode: waterfill`, ours; sample.py's one-weight-after-the-other
+  pass, `sequential`, lets a later rescale lift an earlier weight over its cap);
+  weights < 2e-4 -> 0, renormalise, round to multiples of 2e-4, renormalise
+  (capped again); deduplicated.
 * Scoring (`score`): the objective's loss (default), or minus the eval
   suite's average score (`suite`: the paper scores merged models on its
   benchmarks with OpenCompass); lower is better either way.
@@ -30,6 +35,11 @@ model), iterative_sample/train_predictor.py (predictor and narrowing).
   code); N0/2, then N0/4 mixtures are drawn at random from the top predicted
   (`top_k`), merged and scored. Output: the predictor refit on all, the mean
   of its top_k predicted mixtures of the pool (`avg=True`, 1280 of 200k).
+* Rank check (`rank_check`, the paper's rank consistency, eval_merged/proxy_eval.py):
+  proxies of the proxy config trained from scratch on a few scored mixtures spread
+  over the merged scores; Spearman(merged, trained) in the trace and in
+  info["proxy_check"] = {spearman, n, passed, threshold, merged, trained}. Their
+  training is charged to the search.
 
 Choices left open (docs/DECISIONS.md, "DeMix"): one objective (lower is
 better) replaces the code's rank-averaged benchmark composite; the base
@@ -58,7 +68,7 @@ from fastmix.optimizer import SearchContext, SearchResult
 
 # sample.py's constants; the YAML repeats them with their sources
 GENERATOR_DEFAULTS = dict(temperature=0.7, min_strength=0.5, max_strength=5.0, n_strengths=15, max_usage=4.0,
-                          minimum=2e-4, sample_multiplier=100)
+                          minimum=2e-4, sample_multiplier=100, cap_mode="waterfill")
 
 
 # ---- merging ------------------------------------------------------------------------------------
@@ -126,28 +136,54 @@ def merge_into(model: torch.nn.Module, states: Sequence[Mapping[str, torch.Tenso
 
 # ---- the candidate generator (sample.py) --------------------------------------------------------
 
-def cap_weights(x: np.ndarray, bound: np.ndarray) -> np.ndarray:
-    """sample.py's cap, one weight after the other: a weight over its bound is set to
-    it and the row scaled by 1 + over / (1 - x_j) first, so the row still sums to 1.
-    An earlier weight pushed over its bound by a later rescale is left so (as the
-    code). Rows that are all on one weight over its bound cannot be rescaled: NaN."""
+def cap_weights(x: np.ndarray, bound: np.ndarray, mode: str = "waterfill") -> np.ndarray:
+    """Every weight of each row (summing to 1) brought under its bound, the row still summing to 1.
+
+    `waterfill` (default): the weights over their bound are set to it and the others
+    scaled up to carry the rest of the mass; repeated until no weight is over (at most K
+    passes: a capped weight stays capped, the others only grow), so every cap holds.
+    `sequential`: sample.py's cap, one weight after the other: a weight over its bound
+    is set to it and the row scaled by 1 + over / (1 - x_j) first; an earlier weight
+    pushed over its bound by a later rescale is left so (as the code; on the embedded
+    corpus `dialogue` reached 0.659 against a 0.052 cap). Rows whose mass cannot go
+    anywhere (every uncapped weight 0) come back NaN."""
     x = np.array(x, dtype=np.float64, copy=True)
-    for j in range(x.shape[1]):
-        over = x[:, j] - bound[j]
-        rows = over > 0
-        if rows.any():
-            other = 1.0 - x[rows, j]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                factor = np.where(other > 0, 1.0 + over[rows] / other, np.nan)
-            x[rows] *= factor[:, None]
-            x[rows, j] = np.where(np.isnan(factor), np.nan, bound[j])
+    if mode == "sequential":
+        for j in range(x.shape[1]):
+            over = x[:, j] - bound[j]
+            rows = over > 0
+            if rows.any():
+                other = 1.0 - x[rows, j]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    factor = np.where(other > 0, 1.0 + over[rows] / other, np.nan)
+                x[rows] *= factor[:, None]
+                x[rows, j] = np.where(np.isnan(factor), np.nan, bound[j])
+        return x
+    if mode != "waterfill":
+        raise UserError(f"optimizer.cap_mode '{mode}' is unknown: use waterfill or sequential.")
+    capped = np.zeros(x.shape, dtype=bool)
+    for _ in range(x.shape[1] + 1):  # each pass caps >= 1 more weight of a row still over
+        over = (x > bound) & ~capped
+        rows = over.any(axis=1)
+        if not rows.any():
+            break
+        capped[rows] |= over[rows]
+        c, xr = capped[rows], x[rows]
+        left = 1.0 - (bound * c).sum(axis=1)  # mass the uncapped weights must carry
+        free = np.where(c, 0.0, xr).sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.where(free > 0, left / free, np.where(left > 1e-12, np.nan, 0.0))
+        x[rows] = np.where(np.isnan(scale)[:, None], np.nan, np.where(c, bound, xr * scale[:, None]))
     return x
 
 
 def demix_mixtures(prior, n: int, rng: np.random.Generator, draws: int, *, temperature=0.7, min_strength=0.5,
-                   max_strength=5.0, n_strengths=15, max_usage=4.0, minimum=2e-4) -> np.ndarray:
+                   max_strength=5.0, n_strengths=15, max_usage=4.0, minimum=2e-4,
+                   cap_mode: str = "waterfill") -> np.ndarray:
     """Up to n distinct mixtures [n, K] (rows sum to 1) out of `draws` generator draws,
-    picked at random (sample.py: fewer if deduplication leaves fewer, with a warning)."""
+    picked at random (sample.py: fewer if deduplication leaves fewer, with a warning).
+    cap_mode waterfill: every weight <= min(max_usage x prior, 1) exactly, also after the
+    rounding (capped once more after it, which moves a weight off the grid by < minimum)."""
     p = as_prior(prior)
     bound = np.minimum(p * max_usage, 1.0)
     alpha = p ** temperature if temperature < 1.0 else p  # sample.py tempers only below 1
@@ -158,13 +194,15 @@ def demix_mixtures(prior, n: int, rng: np.random.Generator, draws: int, *, tempe
     for i, strength in enumerate(s):
         rows = which == i
         x[rows] = rng.dirichlet(alpha * strength, size=int(rows.sum()))
-    x = cap_weights(x, bound)
+    x = cap_weights(x, bound, cap_mode)
     x = x[np.all(np.isfinite(x), axis=1)]
     x = finish_mixtures(x, minimum)
     if minimum > 0:  # rows on the 2e-4 grid: exact dedup (sort_and_deduplicate's L1 < 1e-5)
         _, keep = np.unique(np.rint(x / minimum).astype(np.int64), axis=0, return_index=True)
         x = x[np.sort(keep)]
     x = renormalise(x)
+    if cap_mode == "waterfill":  # rounding and renormalising can lift a capped weight past its cap
+        x = cap_weights(x, bound, cap_mode)
     return x if len(x) <= n else x[rng.choice(len(x), size=n, replace=False)]
 
 
@@ -176,6 +214,9 @@ def _check_generator(g: dict) -> dict:
         raise UserError(f"unknown optimizer keys {unknown}; the generator takes "
                         f"{sorted(GENERATOR_DEFAULTS)}.")
     g = {**GENERATOR_DEFAULTS, **g}
+    if g["cap_mode"] not in ("waterfill", "sequential"):
+        raise UserError(f"optimizer.cap_mode '{g['cap_mode']}' is unknown: use waterfill (every cap "
+                        "holds) or sequential (sample.py's one-after-the-other cap).")
     if not (g["temperature"] > 0 and 0 < g["min_strength"] <= g["max_strength"] and g["max_usage"] > 0
             and 0 <= g["minimum"] < 0.5 and int(g["n_strengths"]) >= 1 and int(g["sample_multiplier"]) >= 1):
         raise UserError(f"optimizer generator settings out of range: {g} (published {GENERATOR_DEFAULTS}).")
@@ -187,13 +228,28 @@ class DeMix:
 
     def __init__(self, scale: str = "demo", paper: dict | None = None, demo: dict | None = None,
                  smoke: dict | None = None, base: str = "natural", base_tokens: int | None = None,
-                 component_tokens: int | None = None, rounds: int = 3, score: str = "objective",
+                 component_tokens: int | None = None, component_lr_scale: float = 0.1,
+                 component_warmup_steps: int | None = None, rank_check_threshold: float = 0.5,
+                 rounds: int = 3, score: str = "objective",
                  regressor: str = "auto", ridge_max_n0: int = 32, ridge_alpha: float = 0.5,
                  lightgbm: dict | None = None, score_output: bool = True, **generator):
         preset = pick_preset("demix", scale, {"paper": paper, "demo": demo, "smoke": smoke},
-                             ("n0", "n_candidates", "pool_draws", "top_k"))
-        self.n0, self.n_candidates, self.pool_draws, self.top_k = (
-            int(preset[k]) for k in ("n0", "n_candidates", "pool_draws", "top_k"))
+                             ("n0", "n_candidates", "pool_draws", "top_k", "component_fraction",
+                              "rank_check"))
+        self.n0, self.n_candidates, self.pool_draws, self.top_k, self.rank_check = (
+            int(preset[k]) for k in ("n0", "n_candidates", "pool_draws", "top_k", "rank_check"))
+        self.component_fraction = float(preset["component_fraction"])
+        if not 0 < self.component_fraction <= 1 or self.rank_check < 0 or self.rank_check == 1:
+            raise UserError(f"optimizer.{scale}: component_fraction must be in (0, 1] (got "
+                            f"{self.component_fraction}) and rank_check 0 (off) or >= 2 "
+                            f"(got {self.rank_check}).")
+        bad_warmup = component_warmup_steps is not None and int(component_warmup_steps) < 0
+        if not component_lr_scale > 0 or bad_warmup:
+            raise UserError(f"optimizer.component_lr_scale must be > 0 (got {component_lr_scale}) and "
+                            f"component_warmup_steps >= 0 or null (got {component_warmup_steps}).")
+        self.component_lr_scale = float(component_lr_scale)
+        self.component_warmup_steps = None if component_warmup_steps is None else int(component_warmup_steps)
+        self.rank_check_threshold = float(rank_check_threshold)
         self.rounds = int(rounds)
         if self.rounds < 1 or self.n0 < 2 or self.n0 // 2 ** (self.rounds - 1) < 1:
             raise UserError(f"optimizer.{scale}.n0 is {self.n0} with rounds {self.rounds}; the predictor "
@@ -219,7 +275,21 @@ class DeMix:
         self.score_output = bool(score_output)
 
     def planned_proxy_runs(self, n_sources: int) -> int:
-        return n_sources + 1  # the shared base and one component per source
+        # the shared base, one (shorter) component per source, the proxies of the rank check
+        return n_sources + 1 + self.rank_check
+
+    def component_regime(self, proxy_cfg) -> tuple[int, dict]:
+        """(each component's token budget, the proxy-config keys it replaces): a short
+        continuation of the base (`component_fraction` of the base's budget, unless
+        `component_tokens` is set) at `component_lr_scale` x the proxy's peak lr, after a
+        short warmup (the proxy's warmup x component_fraction, >= 1 step, unless set)."""
+        if proxy_cfg is None:
+            raise UserError("DeMix needs the job's proxy config (ctx.cfg.proxy) for the components' regime.")
+        base_tokens = int(self.base_tokens or proxy_cfg.tokens)
+        tokens = int(self.component_tokens or max(1, round(self.component_fraction * base_tokens)))
+        warmup = (self.component_warmup_steps if self.component_warmup_steps is not None else
+                  max(1, round(int(proxy_cfg.warmup_steps) * self.component_fraction)))
+        return tokens, {"lr": float(proxy_cfg.lr) * self.component_lr_scale, "warmup_steps": int(warmup)}
 
     def _fit(self, X, y, seed: int):
         ok = np.isfinite(y)  # a merged model whose score is not finite says nothing: left out
@@ -256,11 +326,14 @@ class DeMix:
         as_dict = lambda w: dict(zip(sources, map(float, w)))
         base_w = share if self.base == "natural" else {s: 1.0 / K for s in sources}
         device = ctx.meter.device
-        precision = ctx.cfg.proxy.precision if ctx.cfg is not None else "bf16"
+        proxy_cfg = ctx.cfg.proxy if ctx.cfg is not None else None
+        comp_tokens, comp_overrides = self.component_regime(proxy_cfg)
+        precision = proxy_cfg.precision
         scorer = self._scorer(ctx, device, precision)  # before any training: a missing suite stops now
         (base,) = ctx.run_proxies([base_w], "demix_base", keep_model=True, tokens=self.base_tokens)
         comps = ctx.run_proxies([{s: float(s == k) for s in sources} for k in sources], "demix_component",
-                                init_from=base["model_dir"], keep_model=True, tokens=self.component_tokens)
+                                init_from=base["model_dir"], keep_model=True, tokens=comp_tokens,
+                                overrides=comp_overrides)
         trace = [{"kind": "proxy", "role": "base", **base}]
         trace += [{"kind": "proxy", "role": "component", "source": s, **r} for s, r in zip(sources, comps)]
 
@@ -318,5 +391,42 @@ class DeMix:
                 **{k: v for k, v in choice.items() if k not in ("kind", "weights")},
                 "best_merged": {"objective": float(y[best]), "weights": as_dict(X[best])},
                 "component_objective": {s: r["objective"] for s, r in zip(sources, comps)},
-                "base_objective": base["objective"]}
+                "base_objective": base["objective"],
+                "components": {"tokens": comp_tokens, "fraction_of_base": comp_tokens / int(
+                    self.base_tokens or proxy_cfg.tokens), **comp_overrides}}
+        if self.rank_check:
+            del merged, states  # free the components' copies before more proxies train
+            check = self._proxy_check(ctx, X, y, scorer, as_dict)
+            trace += check.pop("trace")
+            info["proxy_check"] = check
         return SearchResult(as_dict(weights), trace=trace, info=info)
+
+    def _proxy_check(self, ctx: SearchContext, X: np.ndarray, y: np.ndarray, scorer, as_dict) -> dict:
+        """The paper's rank consistency, on this job: proxies of the proxy config trained from
+        scratch (what a merged model stands in for) on `rank_check` of the scored mixtures,
+        spread over the merged scores (evenly spaced ranks, best and worst included), scored
+        as the merged models were; Spearman of merged against trained scores. The runs go
+        through ctx.run_proxies, so their cost is the search's."""
+        ok = np.flatnonzero(np.isfinite(y))
+        _, first = np.unique(X[ok], axis=0, return_index=True)  # a mixture scored twice counts once
+        pool = ok[np.sort(first)]
+        pool = pool[np.argsort(y[pool], kind="stable")]
+        n = min(self.rank_check, len(pool))
+        pick = pool[np.unique(np.round(np.linspace(0, len(pool) - 1, n)).astype(int))]
+        runs = ctx.run_proxies([as_dict(X[i]) for i in pick], "demix_check",
+                               keep_model=self.score != "objective")
+        if self.score == "objective":  # the unit scored each on the objective already
+            trained = [float(r["objective"]) for r in runs]
+        else:
+            from transformers import AutoModelForCausalLM
+            trained = [scorer(AutoModelForCausalLM.from_pretrained(r["model_dir"]).to(ctx.meter.device))
+                       for r in runs]
+        merged = [float(y[i]) for i in pick]
+        rho = spearman(merged, trained)  # None if either side is constant
+        passed = rho is not None and rho >= self.rank_check_threshold
+        trace = [{"kind": "proxy", "role": "check", **r} for r in runs]
+        trace.append({"kind": "proxy_check", "spearman": rho, "n": len(pick),
+                      "threshold": self.rank_check_threshold, "passed": passed, "merged": merged,
+                      "trained": trained, "weights": [as_dict(X[i]) for i in pick]})
+        return {"spearman": rho, "n": len(pick), "passed": passed, "threshold": self.rank_check_threshold,
+                "merged": merged, "trained": trained, "trace": trace}

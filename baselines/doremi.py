@@ -41,9 +41,10 @@ Choices the paper and code leave open (docs/DECISIONS.md, "DoReMi"):
 micro-batches of an optimizer step and updates once, on the step's last
 micro-batch; `micro_batch` updates on every micro-batch. `absent: carry`
 (default, public code) gives a domain with no counted token in the update its
-last excess loss again; `zero` gives it 0 (no change before renormalisation).
-The carried value starts at 0, not the public code's log(vocab), which at our
-small batches would hand a domain missing from the first batch a head start.
+last excess loss again, and a domain not yet seen log(vocabulary size), the
+value the public code's `perdomain_scores` buffer starts at (doremi/train.py:
+`torch.ones(K) * np.log(len(tokenizer))`); `zero` gives it 0 (no change before
+renormalisation).
 """
 from __future__ import annotations
 
@@ -90,8 +91,14 @@ class DoReMiHook:
     needs_token_losses = True
 
     def __init__(self, names: list[str], ref_model, eta: float = 1.0, smoothing: float = 1e-3,
-                 update_every: str = "step", absent: str = "carry", trace_every: int = 10):
+                 update_every: str = "step", absent: str = "carry", trace_every: int = 10,
+                 vocab_size: int | None = None):
         K = len(names)
+        if vocab_size is None:  # the model's vocabulary (public code: len(tokenizer), the same here)
+            vocab_size = getattr(getattr(ref_model, "config", None), "vocab_size", None)
+        if vocab_size is None or int(vocab_size) < 2:
+            raise ValueError(f"DoReMiHook needs the vocabulary size (>= 2) for the initial carried excess "
+                             f"loss log(V); got {vocab_size!r}: pass vocab_size or a reference model with a config")
         self.names, self.ref_model = names, ref_model
         self.eta, self.smoothing, self.update_every, self.absent = eta, smoothing, update_every, absent
         self.trace_every = trace_every
@@ -99,7 +106,9 @@ class DoReMiHook:
         self.alpha_sum = torch.zeros(K, dtype=torch.float64)  # sum of alpha_1..alpha_t, for the output
         self.entropy_sum = 0.0
         self.updates = 0
-        self.last_excess = torch.zeros(K, dtype=torch.float64)  # what an absent domain gets with `carry`
+        # What an absent domain gets with `carry`: its last excess loss, and until it is first
+        # seen log(V), the loss of a uniform prediction (public code's perdomain_scores buffer).
+        self.last_excess = torch.full((K,), math.log(int(vocab_size)), dtype=torch.float64)
         self.pending_sums = torch.zeros(K, dtype=torch.float64)  # this optimizer step's micro-batches so far
         self.pending_counts = torch.zeros(K, dtype=torch.float64)
         self.ref_tokens = 0  # reference forward tokens over the whole run, resumed parts included

@@ -7,8 +7,9 @@ cheap: the issue asks for a ratio of at most 1.2.
 Both runs use the same corpus, proxy shape, token budget, seed and thread count,
 through the one training loop: the baseline samples sources uniformly with no
 hook; FastMix samples uniformly with loss weights and takes an outer step every
-T micro-batches (conf/optimizer/fastmix.yaml). Extra arguments are Hydra
-overrides (e.g. `optimizer.outer_every=10`).
+T micro-batches, T as the scale rule of conf/optimizer/fastmix.yaml picks it
+for this run (printed). Extra arguments are Hydra overrides (e.g.
+`optimizer.scale_rule=off optimizer.outer_every=20` for the paper's T = 20).
 """
 from __future__ import annotations
 
@@ -65,8 +66,9 @@ def main() -> None:
             times["fastmix"] = time.perf_counter() - t
     tokens = meter.stages["plain"].tokens
     print(f"device {device}, {threads} threads, proxy {args.proxy} {dict(cfg.proxy.model)}, "
-          f"{tokens} tokens, outer step every {cfg.optimizer.outer_every} micro-batches "
-          f"({result.info['outer_steps']} outer steps)")
+          f"{tokens} tokens, outer step every {result.info['outer_every']} micro-batches "
+          f"({result.info['outer_steps']} outer steps, z lr {result.info['z_lr']:.3g}, "
+          f"scale rule {result.info['scale_rule']})")
     print(f"{'run':10s} {'seconds':>9s} {'tokens/s':>10s} {'GFLOP (meter)':>14s}")
     for k in ("plain", "fastmix"):
         c = meter.stages[k]

@@ -17,7 +17,22 @@ checked against the public code (hrtan/fastmix, pretrain/train_fastmix_val.py):
   - optional entropy regulariser: minimise L_obj - lambda * H(w), so lambda > 0
     keeps w spread out (see docs/DECISIONS.md for the public code's sign);
   - AdamW on z: lr 0.01, betas (0.9, 0.95), no weight decay.
+  - the objective batch: 2 rows of every objective group, the same rows every
+    outer step (public code: `micro_batch_size // 8` rows from each validation
+    loader, restarted each time, averaged over loaders); `val_batch: random`
+    draws `val_batch_size` random windows instead.
 * Output: w after the last outer step; every outer step is traced.
+
+Movement budget (`scale_rule: movement`, ours, fixed from the paper's settings):
+with AdamW each outer step moves z by about its learning rate whatever the
+gradient's size, so lr x outer steps bounds how far w can go. The reference
+run (configs/pile.yaml: max_step 1001 x 32 accumulation = 32,032 micro-batches,
+T = 20) takes 1,601 outer steps at lr 0.01, a budget of ~16. A run of M planned
+micro-batches takes T = clamp(M // 1601, 1, outer_every) and, when that still
+gives fewer than 1,601 outer steps, lr_z = 0.01 x 1601 / (its outer steps):
+the paper's shape gets exactly T = 20 and lr 0.01; a CPU run gets an outer step
+every micro-batch and the same budget. Its extra outer steps are charged like
+any other. `scale_rule: off` uses outer_every and lr as given.
 
 Options beyond the paper, off by default: `grad_params: all` (inner products
 over every parameter instead of the LM head) and `init: prior` (z = log of the
@@ -34,7 +49,7 @@ from fastmix import distributed
 from fastmix.errors import UserError
 from fastmix.models import flop_params
 from fastmix.optimizer import SearchContext, SearchResult
-from fastmix.train import StepInfo, Trainer, masked_mean, token_losses, weighted_loss
+from fastmix.train import StepInfo, Trainer, masked_mean, planned_steps, token_losses, weighted_loss
 
 
 def softmax_chain(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -79,12 +94,14 @@ class FastMixHook:
     """The outer step, called by the one training loop every T micro-batches."""
 
     def __init__(self, names: list[str], objective, z0: torch.Tensor, lr: float, betas, entropy_reg: float,
-                 grad_params: str, val_batch_size: int, seed: int):
+                 grad_params: str, val_batch_size: int, seed: int, val_batch: str = "fixed",
+                 val_rows_per_group: int = 2):
         self.names, self.objective = names, objective
         self.z = z0.clone().double()
         self.z.requires_grad_(True)
         self.opt = torch.optim.AdamW([self.z], lr=lr, betas=tuple(betas), weight_decay=0.0)
         self.entropy_reg, self.grad_params, self.val_batch_size = entropy_reg, grad_params, val_batch_size
+        self.val_batch, self.val_rows_per_group = val_batch, val_rows_per_group
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.trace: list[dict] = []
 
@@ -102,7 +119,9 @@ class FastMixHook:
             return  # public code: no outer step before the first inner step
         model = trainer.model
         params = self._params(model)
-        vb = self.objective.sample_batch(self.rng, self.val_batch_size, model.config.max_position_embeddings)
+        context = model.config.max_position_embeddings
+        vb = (self.objective.fixed_batch(self.val_rows_per_group, context) if self.val_batch == "fixed" else
+              self.objective.sample_batch(self.rng, self.val_batch_size, context))
         lr = trainer.scheduler.get_last_lr()[0]
         g, inner, val_loss = hypergradient(model, params, vb, info, len(self.names), lr, trainer.device,
                                            trainer.cfg.precision)
@@ -139,11 +158,28 @@ class FastMixHook:
         self.trace = list(state["trace"])
 
 
+def movement_schedule(micro_batches: int, outer_every: int, lr: float, reference_outer_steps: int
+                      ) -> tuple[int, float, int]:
+    """The movement-budget scale rule (module docstring): (T, lr_z, outer steps) for
+    a run of `micro_batches` micro-batches. The hook runs before micro-batches T,
+    2T, ... (never before the first), so a run takes (M - 1) // T outer steps."""
+    T = min(outer_every, max(1, micro_batches // reference_outer_steps))
+    steps = max(1, (micro_batches - 1) // T)
+    return T, (lr * reference_outer_steps / steps if steps < reference_outer_steps else lr), steps
+
+
 class FastMix:
     name = "fastmix"
 
     def __init__(self, outer_every: int = 20, lr: float = 0.01, betas=(0.9, 0.95), entropy_reg: float = 0.0,
-                 grad_params: str = "lm_head", init: str = "uniform", val_batch_size: int = 16):
+                 grad_params: str = "lm_head", init: str = "uniform", val_batch: str = "fixed",
+                 val_rows_per_group: int = 2, val_batch_size: int = 16, scale_rule: str = "movement",
+                 reference_outer_steps: int = 1601):
+        if scale_rule not in ("movement", "off"):
+            raise UserError(f"optimizer.scale_rule '{scale_rule}' is unknown: use movement or off.")
+        if val_batch not in ("fixed", "random"):
+            raise UserError(f"optimizer.val_batch '{val_batch}' is unknown: use fixed (the public code's 2 rows "
+                            f"per objective group) or random (val_batch_size random windows).")
         if grad_params not in ("lm_head", "all"):
             raise UserError(f"optimizer.grad_params '{grad_params}' is unknown: use lm_head or all.")
         if init not in ("uniform", "prior"):
@@ -152,6 +188,15 @@ class FastMix:
             raise UserError(f"optimizer.outer_every must be >= 1, got {outer_every}.")
         self.outer_every, self.lr, self.betas, self.entropy_reg = outer_every, lr, betas, entropy_reg
         self.grad_params, self.init, self.val_batch_size = grad_params, init, val_batch_size
+        self.val_batch, self.val_rows_per_group = val_batch, val_rows_per_group
+        self.scale_rule, self.reference_outer_steps = scale_rule, reference_outer_steps
+
+    def schedule(self, proxy_cfg) -> tuple[int, float, int]:
+        """(T, lr_z, planned outer steps) for a proxy run of `proxy_cfg`."""
+        micro = planned_steps(proxy_cfg, distributed.world_size()) * proxy_cfg.grad_accum
+        if self.scale_rule == "off":
+            return self.outer_every, self.lr, max(1, (micro - 1) // self.outer_every)
+        return movement_schedule(micro, self.outer_every, self.lr, self.reference_outer_steps)
 
     def planned_proxy_runs(self, n_sources: int) -> int:
         return 1  # one proxy, whatever K
@@ -163,10 +208,12 @@ class FastMix:
             z0 = torch.tensor([math.log(share[n]) for n in names])
         else:
             z0 = torch.zeros(len(names))
-        hook = FastMixHook(names, ctx.objective, z0, self.lr, self.betas, self.entropy_reg, self.grad_params,
-                           self.val_batch_size, ctx.seed)
+        T, lr_z, planned = self.schedule(ctx.cfg.proxy)
+        hook = FastMixHook(names, ctx.objective, z0, lr_z, self.betas, self.entropy_reg, self.grad_params,
+                           self.val_batch_size, ctx.seed, self.val_batch, self.val_rows_per_group)
         w0 = dict(zip(names, torch.softmax(z0.double(), 0).tolist()))
-        ctx.train_proxy(w0, ctx.out_dir / "proxy", weighted=True, hook=hook, hook_every=self.outer_every,
-                        desc="fastmix")
+        ctx.train_proxy(w0, ctx.out_dir / "proxy", weighted=True, hook=hook, hook_every=T, desc="fastmix")
         weights = dict(zip(names, hook.weights.tolist()))
-        return SearchResult(weights, trace=hook.trace, info={"outer_steps": len(hook.trace)})
+        return SearchResult(weights, trace=hook.trace, info={
+            "outer_steps": len(hook.trace), "outer_every": T, "z_lr": lr_z, "planned_outer_steps": planned,
+            "movement_budget": lr_z * planned, "scale_rule": self.scale_rule})

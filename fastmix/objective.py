@@ -11,11 +11,19 @@
   JSONL file of {"prompt", "answer"} rows, or from the validation split of a
   post-training source.
 
-Every objective has `loss(model)` (the number a method minimises, used for
-result.json's objective_loss), `sample_batch(...)` (a random batch, for
-FastMix's outer step) and `describe()`.
+Every objective has `loss(model)` (the number a method minimises),
+`sample_batch(...)` / `fixed_batch(...)` (FastMix's outer-step batch) and
+`describe()`.
+
+Two splits, never mixed: a search reads the `val` rows (the objective as built
+from the config); a target is scored on `held_out()`, the same objective on the
+`test` rows, which no search, proxy or objective ever read (result.json's
+objective_loss). Sources have their own val/test splits; an external file's
+windows (or pairs) alternate between the two, so their tokens are disjoint.
 """
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import torch
@@ -28,6 +36,9 @@ from fastmix.sampling import Batch, eval_windows
 from fastmix.train import token_losses
 
 
+SPLITS = ("val", "test")
+
+
 def _windows_with_mask(tokens: np.ndarray, mask: np.ndarray | None, context: int, max_tokens: int):
     ids = eval_windows(tokens, context, max_tokens)
     if mask is None:
@@ -36,15 +47,30 @@ def _windows_with_mask(tokens: np.ndarray, mask: np.ndarray | None, context: int
     return ids, m
 
 
+def _alternate(items, split: str):
+    """Every other item, starting at 0 for val and 1 for test: a file has no split of
+    its own, and alternating (not halves) keeps both sides alike when the file is
+    ordered by topic."""
+    return items[SPLITS.index(split)::2]
+
+
 class Objective:
     """Rows grouped by name, each group with a weight; loss = sum_g w_g * mean loss of g."""
 
     name = "objective"
     weights: dict[str, float]
 
-    def __init__(self, corpus: Corpus, batch_size: int = 16):
-        self.corpus, self.batch_size = corpus, batch_size
+    def __init__(self, corpus: Corpus, batch_size: int = 16, split: str = "val"):
+        if split not in SPLITS:
+            raise UserError(f"objective split '{split}' is unknown: use one of {SPLITS}.")
+        self.corpus, self.batch_size, self.split = corpus, batch_size, split
         self._rows: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = {}
+
+    def held_out(self) -> Objective:
+        """The same objective on the test split: what a target is scored on."""
+        other = copy.copy(self)
+        other.split, other._rows = "test", {}
+        return other
 
     def build_rows(self, context: int) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """group -> (input_ids [N, context+1], loss mask [N, context] or None)."""
@@ -96,14 +122,33 @@ class Objective:
                                 for g, i in picks])
         return Batch(ids, torch.from_numpy(groups), torch.ones(batch_size), mask)
 
+    def fixed_batch(self, rows_per_group: int, context: int) -> Batch:
+        """The first `rows_per_group` rows of every weighted group, each row's loss
+        weight w_g / rows of g, so `weighted_loss` = sum_g w_g mean_g (for unmasked
+        rows): the public code's outer-step batch, `micro_batch_size // 8` rows from
+        each validation loader, the loader restarted every time (the same rows every
+        outer step), the losses averaged over loaders."""
+        rows = self.rows(context)
+        ids, groups, weights, masks = [], [], [], []
+        for k, g in enumerate(g for g in rows if self.weights[g] > 0):
+            gi, gm = rows[g]
+            n = min(rows_per_group, len(gi))
+            ids.append(gi[:n])
+            groups += [k] * n
+            weights += [self.weights[g] / n] * n
+            masks.append(torch.ones(n, context) if gm is None else gm[:n])
+        has_mask = any(rows[g][1] is not None for g in rows)
+        return Batch(torch.cat(ids), torch.tensor(groups), torch.tensor(weights, dtype=torch.float32),
+                     torch.cat(masks) if has_mask else None)
+
     def describe(self) -> dict:
-        return {"name": self.name, "weights": self.weights}
+        return {"name": self.name, "weights": self.weights, "split": self.split}
 
 
 class ValidationObjective(Objective):
     def __init__(self, corpus: Corpus, name: str = "val", weights: dict[str, float] | None = None,
-                 max_tokens_per_source: int = 16384, batch_size: int = 16):
-        super().__init__(corpus, batch_size)
+                 max_tokens_per_source: int = 16384, batch_size: int = 16, split: str = "val"):
+        super().__init__(corpus, batch_size, split)
         self.name, self.max_tokens = name, max_tokens_per_source
         if weights:
             unknown = sorted(set(weights) - set(corpus.sources))
@@ -120,15 +165,15 @@ class ValidationObjective(Objective):
             self.weights = {s: 1.0 / len(corpus.sources) for s in corpus.sources}
 
     def build_rows(self, context):
-        return {s: _windows_with_mask(self.corpus.tokens[s]["val"], self.corpus.mask(s, "val"), context,
-                                      self.max_tokens)
+        return {s: _windows_with_mask(self.corpus.tokens[s][self.split], self.corpus.mask(s, self.split),
+                                      context, self.max_tokens)
                 for s, w in self.weights.items() if w > 0}
 
 
 class TextFileObjective(Objective):
     def __init__(self, corpus: Corpus, path: str, name: str = "text", max_tokens: int = 65536,
-                 batch_size: int = 16):
-        super().__init__(corpus, batch_size)
+                 batch_size: int = 16, split: str = "val"):
+        super().__init__(corpus, batch_size, split)
         p = abspath(path)
         if not p.exists():
             raise UserError(f"objective.path {p} does not exist: give a .txt/.jsonl file or a folder of them.")
@@ -141,7 +186,9 @@ class TextFileObjective(Objective):
         self.weights = {name: 1.0}
 
     def build_rows(self, context):
-        return {self.name: _windows_with_mask(self.tokens, self.mask, context, self.max_tokens)}
+        # windows for both splits (up to max_tokens each), then every other one
+        ids, mask = _windows_with_mask(self.tokens, self.mask, context, 2 * self.max_tokens)
+        return {self.name: (_alternate(ids, self.split), None if mask is None else _alternate(mask, self.split))}
 
     def describe(self) -> dict:
         return {**super().describe(), "path": self.path}
@@ -152,8 +199,8 @@ class QAObjective(Objective):
     to the context, right-padded; padding and prompt tokens do not count)."""
 
     def __init__(self, corpus: Corpus, path: str | None = None, source: str | None = None, name: str = "qa",
-                 max_pairs: int = 512, batch_size: int = 16):
-        super().__init__(corpus, batch_size)
+                 max_pairs: int = 512, batch_size: int = 16, split: str = "val"):
+        super().__init__(corpus, batch_size, split)
         if (path is None) == (source is None):
             raise UserError("objective=qa needs exactly one of objective.path (a JSONL of "
                             "{prompt, answer} rows) or objective.source (a post-training source).")
@@ -163,15 +210,27 @@ class QAObjective(Objective):
                 raise UserError(f"objective.path {p} does not exist.")
             pairs = [d for d in iter_documents(SourceSpec(name, _files_under(p))) if isinstance(d, Pair)]
             where = str(p)
+            if len(pairs) < 2:
+                raise UserError(f"objective.path {p} holds {len(pairs)} prompt/answer pair(s) (rows with "
+                                f"'prompt' and 'answer'): at least 2 are needed, one to search on and one "
+                                f"to score the target on.")
         else:
             if source not in corpus.sources:
                 raise UserError(f"objective.source '{source}' is not a source; available: {corpus.sources}.")
-            pairs = corpus.pairs(source, "val")
-            where = f"source '{source}' (val split)"
-        if not pairs:
-            raise UserError(f"objective: no prompt/answer pairs in {where}: rows need 'prompt' and 'answer'.")
-        self.pairs, self.name, self.where = pairs[:max_pairs], name, where
+            if not corpus.pairs(source, "val") or not corpus.pairs(source, "test"):
+                raise UserError(f"objective: source '{source}' has no prompt/answer pairs in its val or test "
+                                f"split: rows need 'prompt' and 'answer'.")
+            where = f"source '{source}'"
+        self.file_pairs, self.source = (pairs if path is not None else None), source
+        self.name, self.where, self.max_pairs = name, where, max_pairs
         self.weights = {name: 1.0}
+
+    @property
+    def pairs(self) -> list[Pair]:
+        """This split's pairs: the source's own split, or every other pair of the file."""
+        if self.file_pairs is not None:
+            return _alternate(self.file_pairs, self.split)[:self.max_pairs]
+        return self.corpus.pairs(self.source, self.split)[:self.max_pairs]
 
     def build_rows(self, context):
         tok = self.corpus.tokenizer

@@ -67,10 +67,11 @@ def train_on_mixture(corpus: Corpus, run_cfg: DictConfig, weights: dict[str, flo
     return model, last
 
 
-def per_source_val_loss(model, corpus: Corpus, cfg_eval, device, meter, precision) -> dict[str, float]:
-    """Each source's validation loss (answer tokens only for post-training sources)."""
-    return {s: ValidationObjective(corpus, weights={s: 1.0}, max_tokens_per_source=cfg_eval.val_tokens_per_source,
-                                   batch_size=cfg_eval.batch_size).loss(model, device, meter, precision)
+def per_source_test_loss(model, corpus: Corpus, cfg_eval, device, meter, precision) -> dict[str, float]:
+    """Each source's loss on its test split (answer tokens only for post-training
+    sources): documents no search, proxy or objective read."""
+    return {s: ValidationObjective(corpus, weights={s: 1.0}, max_tokens_per_source=cfg_eval.test_tokens_per_source,
+                                   batch_size=cfg_eval.batch_size, split="test").loss(model, device, meter, precision)
             for s in corpus.sources}
 
 
@@ -84,6 +85,7 @@ class ProxyJob:
     init_from: str | None = None  # a saved model to continue from (DeMix's components)
     keep_model: bool = False  # save the trained proxy to <out_dir>/model (MixMin, DeMix score them later)
     tokens: int | None = None  # this run's token budget, if not the proxy config's
+    overrides: dict | None = None  # proxy-config keys replaced for this run (DeMix's components: lr, warmup)
 
 
 class ProxyUnit:
@@ -122,6 +124,8 @@ class ProxyUnit:
         cfg = OmegaConf.create(self.cfg)
         if job.tokens is not None:
             cfg.proxy.tokens = job.tokens
+        if job.overrides:
+            cfg.proxy = OmegaConf.merge(cfg.proxy, job.overrides)
         corpus, objective = self._load()
         device = resolve_device(cfg.device)
         meter = CostMeter(device)
@@ -135,6 +139,8 @@ class ProxyUnit:
                   "cost": meter.stages["proxy"].to_dict(), "seed": job.seed, "dir": str(out)}
         if job.keep_model:
             record["model_dir"] = str(out / "model")
+        if job.overrides:
+            record["overrides"] = dict(job.overrides)
         if distributed.is_main():
             if job.keep_model:
                 model.save_pretrained(out / "model")  # before the record: a record means the model is there
@@ -157,9 +163,10 @@ def proxy_runner(cfg: DictConfig, corpus: Corpus, objective, meter: CostMeter, f
         unit._loaded = corpus, objective  # already in memory
 
     def run_proxies(weights_list: list[dict[str, float]], tag: str, init_from: str | Path | None = None,
-                    keep_model: bool = False, tokens: int | None = None) -> list[dict]:
+                    keep_model: bool = False, tokens: int | None = None,
+                    overrides: dict | None = None) -> list[dict]:
         jobs = [ProxyJob(i, tag, {k: float(v) for k, v in w.items()}, str(folder / f"{tag}_{i:04d}"), cfg.seed,
-                         None if init_from is None else str(init_from), keep_model, tokens)
+                         None if init_from is None else str(init_from), keep_model, tokens, overrides)
                 for i, w in enumerate(weights_list)]
         log.info("%s: %d proxy runs (%s executor)", tag, len(jobs), executor.name)
         with meter.elsewhere():
@@ -257,8 +264,9 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
 
     # 3. evaluate
     with meter.stage("eval"):
-        val_loss = per_source_val_loss(target, corpus, cfg.eval, device, meter, cfg.train.precision)
-        objective_loss = objective.loss(target, device, meter, cfg.train.precision)
+        # every score of the target on the test split; the search read the val split only
+        val_loss = per_source_test_loss(target, corpus, cfg.eval, device, meter, cfg.train.precision)
+        objective_loss = objective.held_out().loss(target, device, meter, cfg.train.precision)
         scores = (evaluate_suite(target, corpus.tokenizer, suite, device, cfg.eval.batch_size, cfg.eval.get("limit"),
                                  meter, cfg.train.precision) if suite else
                   {"scores": {}, "metrics": {}, "average": None, "results": {}})
@@ -271,13 +279,13 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
         "weights": result.weights, "search_cost": cost["search"], "train_cost": cost["train"],
         "eval_cost": cost["eval"], "eval_suite": cfg.eval.name, "eval": scores["scores"],
         "eval_metrics": scores["metrics"], "eval_average": scores["average"],
-        "val_loss": val_loss, "val_loss_average": sum(val_loss.values()) / len(val_loss),
-        "objective_loss": objective_loss, "versions": records.versions(),
+        "eval_split": "test", "val_loss": val_loss, "val_loss_average": sum(val_loss.values()) / len(val_loss),
+        "objective_loss": objective_loss, "search_info": result.info, "versions": records.versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if distributed.is_main():
-        records.write_json(run_dir / "eval.json", {"suite": cfg.eval.name, **scores, "val_loss": val_loss,
-                                                   "objective_loss": objective_loss})
+        records.write_json(run_dir / "eval.json", {"suite": cfg.eval.name, **scores, "eval_split": "test",
+                                                   "val_loss": val_loss, "objective_loss": objective_loss})
         records.write_json(run_dir / "cost.json", cost)
         records.write_json(run_dir / "result.json", result_row)
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the model is in model/; the rest is resume state

@@ -146,6 +146,13 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
     raise ValueError(f"unknown schedule '{schedule}': use constant or cosine")
 
 
+def planned_steps(cfg, world: int = 1, context: int | None = None) -> int:
+    """Optimizer steps of a run of `cfg` (proxy/ or train/): the token budget rounded
+    up to whole steps of batch_size x ranks x grad_accum x context tokens."""
+    context = context or cfg.model.context
+    return max(1, math.ceil(cfg.tokens / (cfg.batch_size * world * cfg.grad_accum * context)))
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -174,7 +181,7 @@ class Trainer:
                              f"{self.world} ranks = {cfg.batch_size * self.world}")
         # tokens of one optimizer step over all ranks: the budget, the schedule and the cost count these
         self.tokens_per_step = cfg.batch_size * self.world * cfg.grad_accum * sampler.context
-        self.total_steps = max(1, math.ceil(cfg.tokens / self.tokens_per_step))
+        self.total_steps = planned_steps(cfg, self.world, sampler.context)
         self.n_params = flop_params(model)
         # fused AdamW (one kernel over all parameters) where torch has it for the
         # device; measured 1.3x faster than foreach on CPU (bench/throughput.py).

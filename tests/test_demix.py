@@ -5,6 +5,7 @@ fake context, the presets, and end to end."""
 import json
 import math
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,16 +71,44 @@ def test_models_of_another_shape_are_refused(components):
 
 # ---- the generator (sample.py) ------------------------------------------------------------------
 
-def test_cap_clips_and_rescales_one_weight_after_the_other():
+def test_sequential_cap_clips_and_rescales_one_weight_after_the_other():
     bound = np.array([1.0, 0.8, 0.4])
-    x = cap_weights(np.array([[0.1, 0.3, 0.6], [0.05, 0.9, 0.05], [0.2, 0.5, 0.3]]), bound)
+    x = cap_weights(np.array([[0.1, 0.3, 0.6], [0.05, 0.9, 0.05], [0.2, 0.5, 0.3]]), bound, "sequential")
     # row 0: w2 over by 0.2, others x (1 + 0.2 / 0.4); row 1: w1 over by 0.1, others x 2; row 2 untouched
     assert x == pytest.approx(np.array([[0.15, 0.45, 0.4], [0.1, 0.8, 0.1], [0.2, 0.5, 0.3]]))
     # a later cap may push an earlier weight over its own bound: the public code leaves it so
-    y = cap_weights(np.array([[0.3, 0.1, 0.6]]), np.array([0.3, 1.0, 0.2]))
+    y = cap_weights(np.array([[0.3, 0.1, 0.6]]), np.array([0.3, 1.0, 0.2]), "sequential")
     assert y == pytest.approx(np.array([[0.6, 0.2, 0.2]]))
     # everything on one capped weight cannot be rescaled
+    assert np.isnan(cap_weights(np.array([[1.0, 0.0]]), np.array([0.5, 1.0]), "sequential")).all()
+
+
+def test_waterfill_cap_holds_every_cap():
+    # the row sequential leaves at [0.6, 0.2, 0.2]: w2 capped (others x 2), then w0 capped, the rest to w1
+    y = cap_weights(np.array([[0.3, 0.1, 0.6]]), np.array([0.3, 1.0, 0.2]))
+    assert y == pytest.approx(np.array([[0.3, 0.5, 0.2]]))
+    bound = np.array([1.0, 0.8, 0.4])  # one pass is enough: the same as sequential
+    x = cap_weights(np.array([[0.1, 0.3, 0.6], [0.05, 0.9, 0.05], [0.2, 0.5, 0.3]]), bound)
+    assert x == pytest.approx(np.array([[0.15, 0.45, 0.4], [0.1, 0.8, 0.1], [0.2, 0.5, 0.3]]))
     assert np.isnan(cap_weights(np.array([[1.0, 0.0]]), np.array([0.5, 1.0]))).all()
+    # many random rows against tight caps (bounds summing to 1.3): every cap holds, rows sum to 1
+    rng = np.random.default_rng(0)
+    bound = np.array([0.05, 0.1, 0.15, 0.3, 0.7])
+    z = cap_weights(rng.dirichlet(np.full(5, 0.3), size=5000), bound)
+    z = z[np.isfinite(z).all(axis=1)]
+    assert len(z) > 4900 and np.all(z <= bound) and np.allclose(z.sum(axis=1), 1.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_generator_caps_hold_for_every_draw(seed):
+    """The embedded corpus' shape: a small source (the 0.052 cap sample.py's cap let reach 0.659)."""
+    prior = np.array([0.013, 0.25, 0.25, 0.1, 0.2, 0.187])
+    bound = np.minimum(4 * prior, 1.0)
+    x = demix_mixtures(prior, 20000, np.random.default_rng(seed), draws=20000)
+    assert len(x) > 15000 and np.all(x <= bound) and np.allclose(x.sum(axis=1), 1.0, atol=1e-12)
+    assert x[:, 0].max() == pytest.approx(bound[0])  # the cap binds, and holds exactly
+    seq = demix_mixtures(prior, 20000, np.random.default_rng(seed), draws=20000, cap_mode="sequential")
+    assert seq[:, 0].max() > 2 * bound[0]  # the public code's cap does not hold
 
 
 def test_generator_caps_on_the_untempered_prior_and_rounds_to_the_grid():
@@ -117,7 +146,16 @@ class NormObjective:
         return float(((model.model.norm.weight[:4].detach().double().numpy() - OPT) ** 2).sum())
 
 
+def trained_objective(w):
+    """A trained proxy of w in the fake: L1 distance to OPT (ranks close to the merge's, not the same)."""
+    return float(np.abs(np.array(list(w.values())) - OPT).sum())
+
+
+PROXY = {"tokens": 1000, "lr": 0.01, "warmup_steps": 10, "precision": "fp32"}
+
+
 def fake_ctx(tmp_path, seed=0):
+    from omegaconf import OmegaConf
     sources, calls = ["a", "b", "c", "d"], []
     base = build_model(SHAPE, V, seed=0)
     base.save_pretrained(tmp_path / "base")
@@ -126,27 +164,37 @@ def fake_ctx(tmp_path, seed=0):
             base.model.norm.weight[:4] = torch.eye(4)[k]
         base.save_pretrained(tmp_path / f"comp{k}")
 
-    def run_proxies(weights_list, tag, init_from=None, keep_model=False, tokens=None):
-        calls.append((tag, len(weights_list), init_from, keep_model, tokens))
+    def run_proxies(weights_list, tag, init_from=None, keep_model=False, tokens=None, overrides=None):
+        calls.append((tag, len(weights_list), init_from, keep_model, tokens, overrides))
+        if tag == "demix_check":
+            return [{"index": i, "tag": tag, "weights": w, "objective": trained_objective(w), "cost": {},
+                     "dir": ""} for i, w in enumerate(weights_list)]
         dirs = ["base"] if tag == "demix_base" else [f"comp{k}" for k in range(4)]
         return [{"index": i, "tag": tag, "weights": w, "objective": 1.0, "cost": {}, "dir": "",
                  "model_dir": str(tmp_path / d)} for i, (w, d) in enumerate(zip(weights_list, dirs))]
     meter = CostMeter(torch.device("cpu"))
     share = dict(zip(sources, [0.25, 0.25, 0.25, 0.25]))
-    return types.SimpleNamespace(sources=sources, objective=NormObjective(), meter=meter, seed=seed, cfg=None,
+    return types.SimpleNamespace(sources=sources, objective=NormObjective(), meter=meter, seed=seed,
+                                 cfg=OmegaConf.create({"proxy": PROXY}),
                                  token_share=lambda: share, run_proxies=run_proxies, calls=calls,
                                  n_params=sum(t.numel() for t in base.state_dict().values()))
 
 
 def test_search_narrows_towards_the_best_merge(tmp_path):
     ctx = fake_ctx(tmp_path)
-    opt = DeMix(scale="demo", demo={"n0": 64, "n_candidates": 5000, "pool_draws": 5000, "top_k": 40},
-                component_tokens=123,
+    opt = DeMix(scale="demo", demo={"n0": 64, "n_candidates": 5000, "pool_draws": 5000, "top_k": 40,
+                                    "component_fraction": 0.2, "rank_check": 5},
                 lightgbm={"n_estimators": 300, "learning_rate": 0.05, "min_child_samples": 5})
     with ctx.meter.stage("search"):
         res = opt.search(ctx).validated(ctx.sources)
-    assert ctx.calls == [("demix_base", 1, None, True, None),
-                         ("demix_component", 4, str(tmp_path / "base"), True, 123)]
+    # components: 0.2 of the base's 1000 tokens, at 0.1 x the proxy's lr, warmup 10 x 0.2 steps;
+    # the check: 5 proxies of the proxy config from scratch (no init, default budget and lr)
+    assert ctx.calls == [("demix_base", 1, None, True, None, None),
+                         ("demix_component", 4, str(tmp_path / "base"), True, 200,
+                          {"lr": pytest.approx(0.001), "warmup_steps": 2}),
+                         ("demix_check", 5, None, False, None, None)]
+    assert res.info["components"] == {"tokens": 200, "fraction_of_base": 0.2, "lr": pytest.approx(0.001),
+                                      "warmup_steps": 2}
     merged = [r for r in res.trace if r["kind"] == "merged"]
     assert [sum(r["round"] == k for r in merged) for k in (1, 2, 3)] == [64, 32, 16]
     # each scored mixture is what the merged model reads back: merging worked in place
@@ -161,6 +209,48 @@ def test_search_narrows_towards_the_best_merge(tmp_path):
     nnz = sum(sum(v > 0 for v in r["weights"].values()) for r in res.trace if r["kind"].startswith("merged"))
     assert ctx.meter.stages["search"].flops == 2.0 * nnz * ctx.n_params
     json.dumps([res.trace, res.info], allow_nan=False)
+    # the rank check: a real Spearman of the recorded pairs, over spread-out merged scores
+    from scipy.stats import spearmanr
+    check = res.info["proxy_check"]
+    (row,) = [r for r in res.trace if r["kind"] == "proxy_check"]
+    assert check["n"] == 5 == len(check["merged"]) == len(check["trained"]) and check["threshold"] == 0.5
+    assert check["spearman"] == pytest.approx(spearmanr(check["merged"], check["trained"])[0])
+    assert row["spearman"] == check["spearman"] and check["passed"] == (check["spearman"] >= 0.5)
+    scored = {tuple(r["weights"].values()): r["objective"] for r in merged}
+    assert [scored[tuple(w.values())] for w in row["weights"]] == check["merged"]  # as recorded
+    assert check["trained"] == [trained_objective(w) for w in row["weights"]]
+    ys = sorted(scored.values())
+    assert check["merged"] == sorted(check["merged"])
+    assert check["merged"][0] == ys[0] and check["merged"][-1] == ys[-1]  # spread: best and worst included
+    roles = [r["role"] for r in res.trace if r["kind"] == "proxy"]
+    assert roles == ["base"] + ["component"] * 4 + ["check"] * 5
+
+
+def test_rank_check_flags_a_merge_that_ranks_against_training(tmp_path, monkeypatch):
+    ctx = fake_ctx(tmp_path)
+    inner = ctx.run_proxies
+
+    def reversed_proxies(weights_list, tag, **kw):  # trained proxies that rank opposite to the merges
+        out = inner(weights_list, tag, **kw)
+        if tag == "demix_check":
+            for r in out:
+                r["objective"] = -r["objective"]
+        return out
+    ctx.run_proxies = reversed_proxies
+    opt = DeMix(scale="smoke", smoke={"n0": 8, "n_candidates": 200, "pool_draws": 500, "top_k": 8,
+                                      "component_fraction": 0.5, "rank_check": 4}, component_lr_scale=0.3,
+                component_warmup_steps=0)
+    with ctx.meter.stage("search"):
+        res = opt.search(ctx)
+    check = res.info["proxy_check"]
+    assert check["n"] == 4 and check["spearman"] < 0 and check["passed"] is False
+    assert ctx.calls[1][4:] == (500, {"lr": pytest.approx(0.003), "warmup_steps": 0})
+    off = DeMix(scale="smoke", smoke={"n0": 8, "n_candidates": 200, "pool_draws": 500, "top_k": 8,
+                                      "component_fraction": 0.5, "rank_check": 0})
+    ctx = fake_ctx(tmp_path / "off")
+    with ctx.meter.stage("search"):
+        res = off.search(ctx)
+    assert "proxy_check" not in res.info and not any(r["kind"] == "proxy_check" for r in res.trace)
 
 
 def test_suite_score_is_maximised(tmp_path, monkeypatch):
@@ -180,14 +270,14 @@ def test_suite_score_is_maximised(tmp_path, monkeypatch):
 
     def suite_ctx(path):
         ctx = fake_ctx(path)
-        ctx.cfg = OmegaConf.create({"eval": {"name": "local", "batch_size": 4, "limit": 7},
-                                    "proxy": {"precision": "fp32"}})
+        ctx.cfg = OmegaConf.create({"eval": {"name": "local", "batch_size": 4, "limit": 7}, "proxy": PROXY})
         ctx.corpus = types.SimpleNamespace(tokenizer="tok")
         return ctx
     ctx = suite_ctx(tmp_path)
     opt = DeMix(scale="demo", score="suite", regressor="lightgbm",
                 lightgbm={"n_estimators": 300, "learning_rate": 0.05, "min_child_samples": 5},
-                demo={"n0": 64, "n_candidates": 5000, "pool_draws": 5000, "top_k": 40})
+                demo={"n0": 64, "n_candidates": 5000, "pool_draws": 5000, "top_k": 40,
+                      "component_fraction": 0.2, "rank_check": 0})
     with ctx.meter.stage("search"):
         res = opt.search(ctx).validated(ctx.sources)
     assert len(seen) == 113 and seen[0] == ("tok", {"t": {"task": "t"}}, 4, 7, "fp32")
@@ -209,21 +299,32 @@ def test_ridge_below_32_and_presets():
              ("smoke", "demo", "paper")}
     assert [(o.n0, o.n_candidates, o.top_k, o.kind) for o in built.values()] == [
         (8, 2000, 16, "ridge"), (32, 20000, 128, "ridge"), (512, 200000, 1280, "lightgbm")]
+    assert [(o.component_fraction, o.rank_check) for o in built.values()] == [(0.2, 4), (0.2, 6), (0.05, 16)]
+    assert all(o.component_lr_scale == 0.1 and o.rank_check_threshold == 0.5 for o in built.values())
     paper = built["paper"]
     assert paper.lgbm_params["n_estimators"] == 300 and paper.lgbm_params["learning_rate"] == 0.01
     assert paper.generator == dict(temperature=0.7, min_strength=0.5, max_strength=5.0, n_strengths=15,
-                                   max_usage=4.0, minimum=2e-4, sample_multiplier=100)
-    assert paper.planned_proxy_runs(17) == 18 and paper.ridge_alpha == 0.5
+                                   max_usage=4.0, minimum=2e-4, sample_multiplier=100, cap_mode="waterfill")
+    assert paper.planned_proxy_runs(17) == 18 + 16 and paper.ridge_alpha == 0.5
+    # the regime from a paper-scale proxy config: 5% of 1,049,624,576 tokens at 0.1 x 4e-4, 5 warmup steps
+    proxy = compose(["proxy=regmix_1m"]).proxy
+    assert paper.component_regime(proxy) == (52481229, {"lr": pytest.approx(4e-5), "warmup_steps": 5})
 
 
-def preset(n0, top_k, n=100):
-    return {"demo": {"n0": n0, "n_candidates": n, "pool_draws": n, "top_k": top_k}}
+def preset(n0, top_k, n=100, **kw):
+    return {"demo": {"n0": n0, "n_candidates": n, "pool_draws": n, "top_k": top_k, "component_fraction": 0.2,
+                     "rank_check": 4, **kw}}
 
 
 @pytest.mark.parametrize("kw,key", [(preset(1, 5), "n0"), (preset(32, 8), "top_k"),
                                     (preset(8, 200), "top_k"), ({"base": "best"}, "base"), ({"regressor": "forest"}, "regressor"),
                                     ({"score": "acc"}, "score"), ({"component_tokens": 0}, "component_tokens"),
-                                    ({"temperatur": 1}, "unknown")])
+                                    ({"temperatur": 1}, "unknown"), ({"cap_mode": "clip"}, "cap_mode"),
+                                    (preset(8, 8, component_fraction=0), "component_fraction"),
+                                    (preset(8, 8, rank_check=1), "rank_check"),
+                                    ({"component_lr_scale": 0}, "component_lr_scale"),
+                                    ({"demo": {"n0": 8, "n_candidates": 100, "pool_draws": 100, "top_k": 8}},
+                                     "component_fraction")])
 def test_bad_options_are_refused(kw, key):
     args = {**preset(8, 8), **kw}
     with pytest.raises(UserError, match=key):
@@ -239,7 +340,28 @@ def test_end_to_end(smoke_args, tiny_corpus, tmp_path):
     assert sorted(w) == sources and math.isclose(sum(w.values()), 1.0, abs_tol=1e-9)
     trace = [json.loads(x) for x in (run / "search_trace.jsonl").read_text().splitlines()]
     proxies = [t for t in trace if t["kind"] == "proxy"]
-    assert [p["role"] for p in proxies] == ["base"] + ["component"] * len(sources)
+    assert [p["role"] for p in proxies] == ["base"] + ["component"] * len(sources) + ["check"] * 4
+    # components: 0.2 of the base's budget (whole steps), at 0.1 x the proxy's lr after a 1-step warmup
+    cfg = compose(smoke_args + ["optimizer=demix"])
+    step = cfg.proxy.batch_size * cfg.proxy.grad_accum * cfg.proxy.model.context
+    base, comps, checks = proxies[0], proxies[1:1 + len(sources)], proxies[1 + len(sources):]
+    whole = lambda tokens: math.ceil(tokens / step) * step  # cost tokens also count the objective's: the same
+    shorter = whole(0.2 * cfg.proxy.tokens) - whole(cfg.proxy.tokens)
+    assert all(c["cost"]["tokens"] - base["cost"]["tokens"] == shorter for c in comps)
+    assert all(c["overrides"] == {"lr": pytest.approx(0.1 * cfg.proxy.lr), "warmup_steps": 1} for c in comps)
+    for c in comps:
+        lrs = [json.loads(x)["lr"] for x in (Path(c["dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert lrs and max(lrs) == pytest.approx(0.1 * cfg.proxy.lr)
+    base_lrs = [json.loads(x)["lr"] for x in (Path(base["dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert max(base_lrs) == pytest.approx(cfg.proxy.lr)
+    # the check: full proxies from scratch; the recorded Spearman is scipy's on the recorded pairs
+    from scipy.stats import spearmanr
+    assert all(c["cost"]["tokens"] == base["cost"]["tokens"] and "overrides" not in c for c in checks)
+    check = mix["info"]["proxy_check"]
+    assert check["n"] == 4 and check["trained"] == [c["objective"] for c in checks]
+    rho = spearmanr(check["merged"], check["trained"])[0]
+    assert check["spearman"] == (None if math.isnan(rho) else pytest.approx(rho))
+    assert check["passed"] == (check["spearman"] is not None and check["spearman"] >= 0.5)
     merged = [t for t in trace if t["kind"].startswith("merged")]
     assert len(merged) == 8 + 4 + 2 + 1 and mix["info"]["n_merged"] == 14
     assert all(math.isfinite(t["objective"]) for t in merged)
@@ -250,7 +372,8 @@ def test_end_to_end(smoke_args, tiny_corpus, tmp_path):
     m = AutoModelForCausalLM.from_pretrained(proxies[1]["model_dir"])
     n, p = flop_params(m), sum(t.numel() for t in m.state_dict().values())
     res = json.loads((run / "result.json").read_text())
-    assert res["search_cost"]["proxy_runs"] == len(sources) + 1
+    assert res["search_cost"]["proxy_runs"] == len(sources) + 1 + 4
+    assert res["search_info"]["proxy_check"] == check
     T = (6 * n * proxies[0]["cost"]["tokens"] - proxies[0]["cost"]["flops"]) / (4 * n)  # objective tokens
     nnz = sum(sum(v > 0 for v in t["weights"].values()) for t in merged)
     spent = sum(q["cost"]["flops"] for q in proxies)

@@ -62,37 +62,58 @@ def test_excess_losses_by_hand():
 
 
 def test_update_by_hand():
-    """alpha_1 = (1-c) softmax(log(1/3) + [0.4, 0.875, 0]) + c/3 with c = 1e-3; then
-    a second update where b is absent and carries its 0.875 (public code)."""
-    hook = DoReMiHook(NAMES, ref_model=None, eta=1.0, smoothing=1e-3)
+    """Domain c is absent from the first update: it gets log(V) = log 64, the public
+    code's initial perdomain_scores, so alpha_1 = (1-c) softmax(log(1/3) + [0.4, 0.875,
+    log 64]) + c/3 with c = 1e-3. The uniform log(1/3) cancels: the softmax is
+    [e^0.4, e^0.875, 64] / (1.491825 + 2.398875 + 64) = [0.021974, 0.035334, 0.942692],
+    and (1-c) x + c/3 = [0.022285, 0.035632, 0.942082]. Then a second update where b
+    and c are absent and carry 0.875 and log 64 (public code)."""
+    hook = DoReMiHook(NAMES, ref_model=None, eta=1.0, smoothing=1e-3, vocab_size=V)
+    logv = math.log(V)
+    assert torch.allclose(hook.last_excess, torch.full((3,), logv, dtype=torch.float64))
     assert hook.observe(*step1_batch(), update=True)
-    assert torch.allclose(hook.last_excess, torch.tensor([0.4, 0.875, 0.0], dtype=torch.float64))
-    a1 = torch.tensor([0.30506126, 0.49034017, 0.20459857], dtype=torch.float64)
+    assert torch.allclose(hook.last_excess, torch.tensor([0.4, 0.875, logv], dtype=torch.float64))
+    a1 = torch.tensor([0.0222852778, 0.0356323716, 0.9420823506], dtype=torch.float64)
     assert torch.allclose(hook.alpha, a1, atol=1e-8)
-    assert hook.observe(*step2_batch(), update=True)
-    a2 = torch.tensor([0.42303674, 0.49124172, 0.08572154], dtype=torch.float64)
+    assert hook.observe(*step2_batch(), update=True)  # a: 1.2 measured; b: 0.875, c: log 64 carried
+    assert torch.allclose(hook.last_excess, torch.tensor([1.2, 0.875, logv], dtype=torch.float64))
+    a2 = torch.tensor([0.0015560362, 0.0017458771, 0.9966980867], dtype=torch.float64)
     assert torch.allclose(hook.alpha, a2, atol=1e-8)
     # Output = mean of alpha_1 and alpha_2 (alpha_0 not included, Algorithm 1).
-    assert torch.allclose(hook.average, torch.tensor([0.364049, 0.49079094, 0.14516006], dtype=torch.float64),
-                          atol=1e-8)
+    assert torch.allclose(hook.average, (a1 + a2) / 2, atol=1e-8)
     assert hook.updates == 2
-    assert hook.entropy_sum / 2 == pytest.approx((1.0362632229745468 + 0.9237087775409093) / 2, abs=1e-8)
+    assert hook.entropy_sum / 2 == pytest.approx((0.25979262589195523 + 0.02444437446558257) / 2, abs=1e-8)
     assert entropy(torch.full((4,), 0.25)) == pytest.approx(math.log(4))
 
 
+def test_initial_carried_value_is_log_vocab_of_the_reference_model():
+    """Without vocab_size the hook reads the reference model's vocabulary; a domain
+    keeps log(V) until it is first seen, then its measured excess replaces it."""
+    hook = DoReMiHook(NAMES, build_model(SHAPE, 100, seed=0))
+    assert torch.allclose(hook.last_excess, torch.full((3,), math.log(100), dtype=torch.float64))
+    hook.observe(*step2_batch(), update=True)  # only a seen
+    assert torch.allclose(hook.last_excess, torch.tensor([1.2, math.log(100), math.log(100)],
+                                                         dtype=torch.float64))
+    hook.observe(*step1_batch(), update=True)  # a and b seen, c still not
+    assert torch.allclose(hook.last_excess, torch.tensor([0.4, 0.875, math.log(100)], dtype=torch.float64))
+    with pytest.raises(ValueError, match="vocab"):
+        DoReMiHook(NAMES, None)
+
+
 def test_absent_zero_and_pooled_step_by_hand():
-    zero = DoReMiHook(NAMES, None, absent="zero")
+    zero = DoReMiHook(NAMES, None, absent="zero", vocab_size=V)  # c absent in step 1: excess 0, not log V
     zero.observe(*step1_batch(), update=True)
     zero.observe(*step2_batch(), update=True)  # b absent: excess 0, not its last 0.875
     assert torch.allclose(zero.alpha, torch.tensor([0.59281452, 0.28716797, 0.12001751], dtype=torch.float64),
                           atol=1e-8)
     # update_every=step with two micro-batches: one update from the pooled tokens,
-    # a: (2.0 + 3.6) / (5 + 3) = 0.7, b: 3.5 / 4 = 0.875.
-    pooled = DoReMiHook(NAMES, None)
+    # a: (2.0 + 3.6) / (5 + 3) = 0.7, b: 3.5 / 4 = 0.875, c never seen: log 64.
+    pooled = DoReMiHook(NAMES, None, vocab_size=V)
     assert not pooled.observe(*step1_batch(), update=False)
     assert torch.allclose(pooled.alpha, torch.full((3,), 1 / 3, dtype=torch.float64))
     assert pooled.observe(*step2_batch(), update=True)
-    pooled_alpha = torch.tensor([0.37200842, 0.44308987, 0.18490172], dtype=torch.float64)
+    # softmax [e^0.7, e^0.875, 64] / 68.412628 = [0.029435, 0.035065, 0.935500], smoothed
+    pooled_alpha = torch.tensor([0.0297392926, 0.0353630711, 0.9348976363], dtype=torch.float64)
     assert torch.allclose(pooled.alpha, pooled_alpha, atol=1e-8)
     assert pooled.updates == 1 and float(pooled.pending_counts.sum()) == 0
 

@@ -4,10 +4,11 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import compose, run_cli
 
 RESULT_KEYS = {"optimizer", "seed", "data", "objective", "weights", "search_cost", "train_cost", "eval",
-               "eval_average", "val_loss", "objective_loss", "versions"}
+               "eval_average", "val_loss", "objective_loss", "versions", "eval_split"}
 COST_KEYS = {"wall_seconds", "device", "devices", "device_hours", "flops", "tokens", "proxy_runs",
              "peak_memory_bytes"}
 
@@ -38,6 +39,17 @@ def test_smoke_end_to_end(smoke_args, tiny_corpus, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     tok = AutoTokenizer.from_pretrained(run / "model")
     assert model.config.vocab_size == len(tok) and tok.eos_token_id is not None
+    # Every score of the target is read on the test split, which the search never reads.
+    from fastmix.data import prepare_corpus
+    from fastmix.objective import ValidationObjective
+    corpus = prepare_corpus(compose(smoke_args).data)
+    searched = ValidationObjective(corpus, max_tokens_per_source=1024)
+    assert res["eval_split"] == "test" and searched.split == "val"
+    assert math.isclose(res["objective_loss"], searched.held_out().loss(model, "cpu"), rel_tol=1e-5)
+    assert not math.isclose(res["objective_loss"], searched.loss(model, "cpu"), rel_tol=1e-3)
+    s = sources[0]
+    test_rows = ValidationObjective(corpus, weights={s: 1}, max_tokens_per_source=1024).held_out().rows(64)[s][0]
+    assert torch.equal(test_rows[0], torch.from_numpy(corpus.tokens[s]["test"][:65].astype("int64")))
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] > metrics[0]["step"] and set(metrics[-1]["source_loss"]) <= set(sources)
 

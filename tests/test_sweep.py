@@ -81,7 +81,8 @@ def test_plots_and_notebooks(joblib_sweep, tmp_path):
     from analysis.plots import write_plots
     folder = joblib_sweep[0]
     written = write_plots(folder, tmp_path)
-    assert {p.stem for p in written} == {"cost_vs_quality", "mixtures", "val_loss", "fastmix_weights"}
+    assert {p.stem for p in written} == {"cost_vs_objective", "cost_vs_quality", "mixtures", "val_loss",
+                                        "fastmix_weights"}
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
     os.environ["FASTMIX_SWEEP"] = str(folder)  # the kernel inherits it
     try:
@@ -145,7 +146,7 @@ def test_experiments_compose(name):
     assert cfg.sweep_name == name
     if name.startswith("paper"):
         assert cfg.scale == "paper" and cfg.proxy.name == "regmix_1m" and cfg.train.name == "regmix_1b"
-        assert cfg.train.model.layers == 22 and cfg.proxy.tokens == 1_000_000_000
+        assert cfg.train.model.layers == 22 and cfg.proxy.tokens == 1001 * 512 * 2048  # the reference run
     if name == "paper_pretrain":
         assert cfg.data.name == "pile_regmix" and len(cfg.data.files) == 17 and cfg.eval.name == "paper14"
         assert dict(cfg.objective.weights) == {"pile_cc": 1.0}
@@ -173,7 +174,7 @@ def test_paper_experiment_data_errors(overrides, message):
 # ---------------------------------------------------------------- hand-made records
 
 def write_result(root: Path, method: str, seed: int, scores: dict, hours: float, device: str = "cuda:NVIDIA H100",
-                 runs: int = 1) -> None:
+                 runs: int = 1, objective: float = 1.5, info: dict | None = None) -> None:
     d = root / f"{method}_{seed}"
     d.mkdir(parents=True)
     cost = {"wall_seconds": hours * 3600, "device": device, "devices": 1, "device_hours": hours,
@@ -181,14 +182,15 @@ def write_result(root: Path, method: str, seed: int, scores: dict, hours: float,
     (d / "result.json").write_text(json.dumps({
         "optimizer": method, "seed": seed, "eval_suite": "x", "search_cost": cost, "eval": scores,
         "eval_average": sum(scores.values()) / len(scores), "val_loss": {"a": 1.0, "b_c": 2.0},
-        "val_loss_average": 1.5, "objective_loss": 1.5, "weights": {"a": 0.25, "b_c": 0.75}}))
+        "val_loss_average": 1.5, "objective_loss": objective, "weights": {"a": 0.25, "b_c": 0.75},
+        "eval_split": "test", "search_info": info or {}}))
 
 
 def test_table_numbers_by_hand(tmp_path):
     from analysis.tables import main, results_table, summarize
-    write_result(tmp_path, "fastmix", 0, {"t1": 0.50, "t2": 0.60, "t3": 0.40}, 1.0)
-    write_result(tmp_path, "fastmix", 1, {"t1": 0.70, "t2": 0.60, "t3": 0.40}, 3.0)
-    write_result(tmp_path, "regmix", 0, {"t1": 0.55, "t2": 0.65, "t3": 0.40}, 100.0, runs=512)
+    write_result(tmp_path, "fastmix", 0, {"t1": 0.50, "t2": 0.60, "t3": 0.40}, 1.0, objective=2.0)
+    write_result(tmp_path, "fastmix", 1, {"t1": 0.70, "t2": 0.60, "t3": 0.40}, 3.0, objective=2.0)
+    write_result(tmp_path, "regmix", 0, {"t1": 0.55, "t2": 0.65, "t3": 0.40}, 100.0, runs=512, objective=1.0)
     from analysis.tables import load_results
     df = load_results(tmp_path)
     s = summarize(df)
@@ -199,8 +201,10 @@ def test_table_numbers_by_hand(tmp_path):
     # best: t1 fastmix (60 > 55), t2 regmix (65 > 60), t3 tied (both count)
     assert s.loc["fastmix", "best_on"] == 2 and s.loc["regmix", "best_on"] == 2
     assert math.isclose(s.loc["regmix", "x_fastmix"], 100.0 / 2.0)  # fastmix mean hours = 2
-    assert list(s.index) == ["regmix", "fastmix"]  # best average first
+    assert list(s.index) == ["regmix", "fastmix"]  # the headline, the objective's test loss: best first
     t = results_table(df)
+    assert t.loc["regmix", "Objective loss (test)"] == "≈ 1.000"  # the best is within noise of itself
+    assert t.loc["fastmix", "Objective loss (test)"] == "2.000 ± 0.000"  # shares 1 seed with it: not marked
     assert t.loc["fastmix", "t1"] == "60.0 ± 14.1" and t.loc["regmix", "t1"] == "55.0"
     assert "Search GPU-hours" in t.columns and t.loc["regmix", "#Best"] == "2/3"
     assert main([str(tmp_path), "--paper", "pretrain"]) == 0
@@ -209,6 +213,25 @@ def test_table_numbers_by_hand(tmp_path):
     assert "b\\_c" in (tmp_path / "tables" / "mixtures.tex").read_text()
     assert "720" in (tmp_path / "tables" / "reported.md").read_text()  # RegMix's reported GPU-hours
     assert "Avg loss" in (tmp_path / "tables" / "val_loss.md").read_text()  # the losses' own table
+
+
+def test_within_noise_by_hand(tmp_path):
+    """Paired by seed against the best (a): b's differences 0.05, 0.02, 0.10 have
+    mean 0.0567 and a 95% half-width t_{0.975,2} x sd / sqrt(3) = 4.303 x 0.0404 /
+    1.732 = 0.100, so b is within noise; c is 0.5 worse on every seed, so not.
+    A failed proxy check is flagged."""
+    from analysis.tables import load_results, results_table, within_noise
+    for seed, (a, b, c) in enumerate([(1.0, 1.05, 1.5), (1.1, 1.12, 1.6), (1.2, 1.30, 1.7)]):
+        write_result(tmp_path, "a", seed, {"t": 0.5}, 1.0, objective=a)
+        write_result(tmp_path, "b", seed, {"t": 0.5}, 1.0, objective=b)
+        write_result(tmp_path, "c", seed, {"t": 0.5}, 1.0, objective=c,
+                     info={"proxy_check": {"spearman": 0.1, "passed": seed != 1}})
+    df = load_results(tmp_path)
+    assert within_noise(df).to_dict() == {"a": True, "b": True, "c": False}
+    t = results_table(df)
+    assert list(t.index) == ["a", "b", "c"]
+    assert t.loc["b", "Objective loss (test)"].startswith("≈ 1.157")
+    assert t.loc["c", "Proxy check"] == "ρ=0.10 FAILED" and t.loc["a", "Proxy check"] == "-"
 
 
 def test_table_says_device_hours_off_gpu(tmp_path):
