@@ -81,8 +81,8 @@ class Objective:
             rows = self.build_rows(context)
             for g, (ids, _) in rows.items():
                 if len(ids) == 0:
-                    raise UserError(f"objective '{self.name}': '{g}' gives no rows of {context + 1} tokens; "
-                                    f"add held-out text or lower the context.")
+                    raise UserError(f"objective '{self.name}': '{g}' gives no {self.split}-split rows of "
+                                    f"{context + 1} tokens; add held-out text or lower the context.")
             self._rows[context] = rows
         return self._rows[context]
 

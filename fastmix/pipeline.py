@@ -239,6 +239,8 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     if distributed.is_main():
         distributed.barrier()
     objective = instantiate(cfg.objective, _partial_=True)(corpus=corpus)
+    scored = objective.held_out()  # the target's objective_loss, on the test split
+    scored.rows(cfg.train.model.context)  # too little test text stops the job now, before any training
     suite = suite_from_config(cfg.eval, corpus)
     if suite:
         load_tasks(suite)  # a task whose data is missing stops the job now, before any training
@@ -266,7 +268,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     with meter.stage("eval"):
         # every score of the target on the test split; the search read the val split only
         val_loss = per_source_test_loss(target, corpus, cfg.eval, device, meter, cfg.train.precision)
-        objective_loss = objective.held_out().loss(target, device, meter, cfg.train.precision)
+        objective_loss = scored.loss(target, device, meter, cfg.train.precision)
         scores = (evaluate_suite(target, corpus.tokenizer, suite, device, cfg.eval.batch_size, cfg.eval.get("limit"),
                                  meter, cfg.train.precision) if suite else
                   {"scores": {}, "metrics": {}, "average": None, "results": {}})

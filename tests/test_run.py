@@ -84,6 +84,7 @@ def bad_weights(sources, kind):
     ("unknown_scale", "use one of"),
     ("too_few_proxies", "n_proxies"),
     ("unknown_executor", "executor/bogus"),
+    ("short_test_split", "gives no test-split rows"),
 ])
 def test_bad_input_stops_cleanly(case, message, smoke_args, tiny_corpus, tmp_path):
     sources = sorted(p.name for p in tiny_corpus.iterdir())
@@ -96,6 +97,8 @@ def test_bad_input_stops_cleanly(case, message, smoke_args, tiny_corpus, tmp_pat
         "unknown_scale": ["optimizer=regmix", "scale=huge"],
         "too_few_proxies": ["optimizer=regmix", "optimizer.smoke.n_proxies=1"],
         "unknown_executor": ["optimizer=regmix", "executor=bogus"],
+        # the target is scored on the objective's test rows: too little test text stops the job first
+        "short_test_split": ["train.model.context=60000"],
     }.get(case) or bad_weights(sources, case)
     if case in CLI_CASES:
         r = run_cli(smoke_args + extra, cwd=tmp_path)
