@@ -9,7 +9,7 @@ CORPUS := data/embedded/manifest.json
 SFT    := data/embedded_sft/manifest.json
 ARGS   ?=
 
-.PHONY: setup run test corpus bench demo clean
+.PHONY: setup run test corpus bench demo oracle clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test: setup
 # every method x 3 seeds at CPU scale, then tables, plots and the README's results
 demo: setup
 	$(PY) run.py -m experiment=demo $(ARGS)
+
+# the oracle testbed: a 66-mixture grid of targets + every method x 3 seeds; regret tables,
+# plots and the README's oracle section
+oracle: setup
+	$(PY) run.py -m experiment=oracle $(ARGS)
 
 bench: setup
 	$(PY) bench/throughput.py

@@ -96,17 +96,17 @@ def within_noise(df: pd.DataFrame, column: str = "objective_loss", level: float 
     (its noise is unknown)."""
     per_seed = df.pivot_table(index="seed", columns="method", values=column, aggfunc="mean")
     best = per_seed.mean().idxmin()
-    out = {}
-    for m in per_seed.columns:
-        d = (per_seed[m] - per_seed[best]).dropna()
-        if m == best:
-            out[m] = True
-        elif len(d) < 2:
-            out[m] = False
-        else:
-            half = stats.t.ppf((1 + level) / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
-            out[m] = bool(d.mean() <= half)
-    return pd.Series(out)
+    return pd.Series({m: m == best or paired_within_noise(per_seed[m] - per_seed[best], level)
+                      for m in per_seed.columns})
+
+
+def paired_within_noise(d: pd.Series, level: float = NOISE_LEVEL) -> bool:
+    """Per-seed differences to a reference (lower is better): within noise when the
+    two-sided `level` t-interval of their mean reaches 0; unknown (False) below 2 seeds."""
+    d = d.dropna()
+    if len(d) < 2:
+        return False
+    return bool(d.mean() <= stats.t.ppf((1 + level) / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
 
 
 def summarize(df: pd.DataFrame, metric: str = "auto") -> pd.DataFrame:

@@ -11,8 +11,10 @@ files; a barrier follows a write that other ranks read next.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +88,25 @@ class ProxyJob:
     keep_model: bool = False  # save the trained proxy to <out_dir>/model (MixMin, DeMix score them later)
     tokens: int | None = None  # this run's token budget, if not the proxy config's
     overrides: dict | None = None  # proxy-config keys replaced for this run (DeMix's components: lr, warmup)
+    score_split: str = "val"  # the objective's split it is scored on (test: the oracle's grid of targets)
+
+
+@contextmanager
+def unit_lock(out: Path):
+    """Hold an exclusive lock on a unit's folder while it runs: two jobs that share a
+    folder (the oracle's grid, trained by every seed's oracle job of a sweep) never
+    train the same unit twice; the second waits, then finds the record. flock works
+    on local disks and on most cluster file systems (NFSv4, Lustre with flock)."""
+    if distributed.world_size() > 1:  # data-parallel ranks run the unit together
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class ProxyUnit:
@@ -111,7 +132,10 @@ class ProxyUnit:
         return self._loaded
 
     def __call__(self, job: ProxyJob) -> dict:
-        out = Path(job.out_dir)
+        with unit_lock(Path(job.out_dir)):
+            return self._run(job, Path(job.out_dir))
+
+    def _run(self, job: ProxyJob, out: Path) -> dict:
         record_path = out / "record.json"
         if record_path.exists():
             record = json.loads(record_path.read_text())
@@ -134,9 +158,11 @@ class ProxyUnit:
             model, _ = train_on_mixture(corpus, cfg.proxy, job.weights, out, device, meter, job.seed,
                                         desc=f"proxy {job.tag}/{job.index}", progress=False,
                                         init_from=Path(job.init_from) if job.init_from else None)
-            value = objective.loss(model, device, meter, cfg.proxy.precision)
+            scored = objective.held_out() if job.score_split == "test" else objective
+            value = scored.loss(model, device, meter, cfg.proxy.precision)
         record = {"index": job.index, "tag": job.tag, "weights": job.weights, "objective": value,
-                  "cost": meter.stages["proxy"].to_dict(), "seed": job.seed, "dir": str(out)}
+                  "split": job.score_split, "cost": meter.stages["proxy"].to_dict(), "seed": job.seed,
+                  "dir": str(out)}
         if job.keep_model:
             record["model_dir"] = str(out / "model")
         if job.overrides:
@@ -164,9 +190,17 @@ def proxy_runner(cfg: DictConfig, corpus: Corpus, objective, meter: CostMeter, f
 
     def run_proxies(weights_list: list[dict[str, float]], tag: str, init_from: str | Path | None = None,
                     keep_model: bool = False, tokens: int | None = None,
-                    overrides: dict | None = None) -> list[dict]:
-        jobs = [ProxyJob(i, tag, {k: float(v) for k, v in w.items()}, str(folder / f"{tag}_{i:04d}"), cfg.seed,
-                         None if init_from is None else str(init_from), keep_model, tokens, overrides)
+                    overrides: dict | None = None, seeds: list[int] | None = None,
+                    where: str | Path | None = None, score_split: str = "val",
+                    names: list[str] | None = None) -> list[dict]:
+        """`seeds`: one per mixture (default: the job's); `where`: another folder for the
+        units (shared between jobs, e.g. the oracle's grid); `score_split`: what they are
+        scored on; `names`: the units' folder names (default <tag>_<index>)."""
+        base = Path(where) if where is not None else folder
+        names = names or [f"{tag}_{i:04d}" for i in range(len(weights_list))]
+        jobs = [ProxyJob(i, tag, {k: float(v) for k, v in w.items()}, str(base / names[i]),
+                         cfg.seed if seeds is None else int(seeds[i]), None if init_from is None else str(init_from),
+                         keep_model, tokens, overrides, score_split)
                 for i, w in enumerate(weights_list)]
         log.info("%s: %d proxy runs (%s executor)", tag, len(jobs), executor.name)
         with meter.elsewhere():

@@ -1,0 +1,118 @@
+"""The oracle: ground truth for a mixture search, by brute force (ours; no paper).
+
+Every method's mixture is only as good as the target trained on it. The oracle
+trains that target on every mixture of a grid over the simplex and keeps the
+best, so a method's *regret* (its target's objective loss minus the oracle's,
+analysis/oracle.py) says how far it landed from the best mixture it could have
+found, beside what its search cost.
+
+* Grid: every mixture of the K sources whose weights are multiples of 1/R,
+  corners and edges included: C(R + K - 1, K - 1) mixtures (K = 3, R = 10: 66).
+* Each grid mixture: a target of the job's `train` config (same model, token
+  budget and schedule as every method's target) trained through the one loop
+  at seed `grid_seed`, through the fan-out executor (in process, local
+  workers, a SLURM array; resumable by record, like any proxy run), and
+  scored on the job's objective on the *test* split, as every target is.
+* Output: the best grid mixture. It and uniform are trained again at
+  `noise_seeds` more seeds (grid_seed + 1, ...): their spread over seeds is the
+  noise floor printed beside every regret. The whole landscape, the per-seed
+  losses and the floor are in the trace and in `info["oracle"]`.
+* Cost: every grid target and re-seeded run, charged to the search like any
+  proxy run (proxy_runs counts them), so the oracle is an honest row of every
+  table: what brute force costs.
+* Shared grid (`grid_dir`): experiment=oracle puts it in the sweep's folder, so
+  the oracle job of every seed, a re-run and a method added later reuse it.
+  Units are locked while they run (fastmix.pipeline.unit_lock) and each job
+  walks the grid in an order drawn from its own seed, so two oracle jobs side
+  by side split the grid instead of training it twice.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from fastmix.config import abspath
+from fastmix.errors import UserError
+from fastmix.optimizer import SearchContext, SearchResult
+
+
+def simplex_grid(k: int, resolution: int) -> list[tuple[int, ...]]:
+    """Every way to split `resolution` units over k sources (counts summing to R),
+    in lexicographic order: the weights are counts / R."""
+    # stars and bars: choose the k - 1 bar positions among R + k - 1 slots
+    out = []
+    for bars in itertools.combinations(range(resolution + k - 1), k - 1):
+        edges = (-1, *bars, resolution + k - 1)
+        out.append(tuple(edges[i + 1] - edges[i] - 1 for i in range(k)))
+    return sorted(out, reverse=True)
+
+
+class Oracle:
+    name = "oracle"
+
+    def __init__(self, resolution: int = 10, grid_dir: str | None = None, grid_seed: int = 0,
+                 noise_seeds: int = 2):
+        if int(resolution) < 1:
+            raise UserError(f"oracle.resolution must be an integer >= 1 (weights in steps of 1/R), got {resolution}.")
+        if int(noise_seeds) < 0:
+            raise UserError(f"oracle.noise_seeds must be >= 0, got {noise_seeds}.")
+        self.resolution, self.grid_seed, self.noise_seeds = int(resolution), int(grid_seed), int(noise_seeds)
+        self.grid_dir = grid_dir
+
+    def planned_proxy_runs(self, n_sources: int) -> int:
+        return math.comb(self.resolution + n_sources - 1, n_sources - 1) + 2 * self.noise_seeds + 1
+
+    def search(self, ctx: SearchContext) -> SearchResult:
+        if ctx.run_proxies is None or ctx.cfg is None:
+            raise UserError("optimizer=oracle runs through run.py: it needs the job's config and executor.")
+        names, R = ctx.sources, self.resolution
+        grid = simplex_grid(len(names), R)
+        # every target of the grid is the job's target: its config replaces the proxy's
+        target = OmegaConf.to_container(ctx.cfg.train, resolve=True)
+        # a shared grid is only reused for the same data, objective and target
+        key = hashlib.sha1(json.dumps([OmegaConf.to_container(ctx.cfg[k], resolve=True)
+                                       for k in ("data", "objective", "train")], sort_keys=True,
+                                      default=str).encode()).hexdigest()[:10]
+        root = abspath(self.grid_dir) if self.grid_dir else ctx.out_dir / "oracle_grid"
+        where = root / f"r{R}_{key}"
+        as_w = lambda counts: {n: c / R for n, c in zip(names, counts)}
+        label = lambda counts: "-".join(map(str, counts))
+
+        # a seeded walk order: oracle jobs of other seeds running beside this one start elsewhere
+        order = (np.arange(len(grid)) if ctx.seed == self.grid_seed else
+                 np.random.default_rng(ctx.seed).permutation(len(grid)))
+        done = ctx.run_proxies([as_w(grid[i]) for i in order], "grid", overrides=target,
+                               seeds=[self.grid_seed] * len(grid), where=where, score_split="test",
+                               names=[f"grid_{label(grid[i])}" for i in order])
+        loss = np.empty(len(grid))
+        loss[order] = [float(r["objective"]) for r in done]
+        best = int(np.nanargmin(loss))
+
+        # the noise floor: the best grid mixture and uniform at more seeds
+        extra = [self.grid_seed + j for j in range(1, self.noise_seeds + 1)]
+        uniform = {n: 1.0 / len(names) for n in names}
+        runs = [(as_w(grid[best]), s, f"best_{label(grid[best])}_seed{s}") for s in extra]
+        runs += [(uniform, s, f"uniform_seed{s}") for s in [self.grid_seed, *extra]]
+        again = ctx.run_proxies([w for w, _, _ in runs], "noise", overrides=target, seeds=[s for _, s, _ in runs],
+                                where=where, score_split="test", names=[n for _, _, n in runs])
+        best_by_seed = {str(self.grid_seed): float(loss[best])}
+        best_by_seed.update({str(s): float(r["objective"]) for (_, s, n), r in zip(runs, again) if n.startswith("best")})
+        uniform_by_seed = {str(s): float(r["objective"]) for (_, s, n), r in zip(runs, again)
+                           if n.startswith("uniform")}
+        spread = [np.std(list(d.values()), ddof=1) for d in (best_by_seed, uniform_by_seed) if len(d) > 1]
+        noise = float(np.mean(spread)) if spread else None
+
+        landscape = [{"weights": as_w(c), "loss": float(v)} for c, v in zip(grid, loss)]
+        trace = [{"kind": "grid", **row, "seed": self.grid_seed} for row in landscape]
+        trace.append({"kind": "noise_floor", "best": as_w(grid[best]), "best_loss_by_seed": best_by_seed,
+                      "uniform_loss_by_seed": uniform_by_seed, "noise_floor": noise})
+        info = {"oracle": {"resolution": R, "sources": names, "grid_seed": self.grid_seed, "grid": landscape,
+                           "best": as_w(grid[best]), "best_loss_by_seed": best_by_seed,
+                           "uniform_loss_by_seed": uniform_by_seed, "noise_floor": noise,
+                           "range": float(np.nanmax(loss) - np.nanmin(loss)), "grid_dir": str(where)}}
+        return SearchResult(as_w(grid[best]), trace=trace, info=info)
