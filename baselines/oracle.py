@@ -32,6 +32,7 @@ import hashlib
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -64,6 +65,17 @@ class Oracle:
         self.resolution, self.grid_seed, self.noise_seeds = int(resolution), int(grid_seed), int(noise_seeds)
         self.grid_dir = grid_dir
 
+    def grid_root(self, ctx: SearchContext) -> Path:
+        """`grid_dir`: a folder; `sweep` = <the sweep's folder>/oracle_grid in a multirun
+        (the job's own folder in a single run); null = the job's own folder."""
+        if self.grid_dir == "sweep":
+            from hydra.core.hydra_config import HydraConfig
+            from hydra.types import RunMode
+            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+                return abspath(HydraConfig.get().sweep.dir) / "oracle_grid"
+            return ctx.out_dir / "oracle_grid"
+        return abspath(self.grid_dir) if self.grid_dir else ctx.out_dir / "oracle_grid"
+
     def planned_proxy_runs(self, n_sources: int) -> int:
         return math.comb(self.resolution + n_sources - 1, n_sources - 1) + 2 * self.noise_seeds + 1
 
@@ -78,8 +90,7 @@ class Oracle:
         key = hashlib.sha1(json.dumps([OmegaConf.to_container(ctx.cfg[k], resolve=True)
                                        for k in ("data", "objective", "train")], sort_keys=True,
                                       default=str).encode()).hexdigest()[:10]
-        root = abspath(self.grid_dir) if self.grid_dir else ctx.out_dir / "oracle_grid"
-        where = root / f"r{R}_{key}"
+        where = self.grid_root(ctx) / f"r{R}_{key}"
         as_w = lambda counts: {n: c / R for n, c in zip(names, counts)}
         label = lambda counts: "-".join(map(str, counts))
 
