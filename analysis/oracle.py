@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from hydra.experimental.callback import Callback
 
-from analysis.plots import NO_SEARCH_HOURS, pareto_front
+from analysis.plots import NO_SEARCH_HOURS, pareto_front, save_figure
 from analysis.tables import COST_COLS, TableError, _cell, hours_label, load_results, paired_within_noise
 from fastmix import records
 
@@ -206,11 +206,7 @@ def write_oracle(root: Path, out: Path | None = None) -> str:
     for name, draw in figures.items():
         fig, ax = plt.subplots(figsize=(7, 5))
         draw(ax)
-        fig.tight_layout()
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        tmp.replace(out / f"{name}.png")
+        save_figure(fig, out / f"{name}.png")
     return text
 
 

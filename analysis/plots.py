@@ -135,15 +135,18 @@ def write_plots(root: Path, out: Path | None = None) -> list[Path]:
         figures["fastmix_weights"] = fastmix_weights
     written = []
     for name, draw in figures.items():
-        ax = draw(df)
-        ax.figure.tight_layout()
-        path = out / f"{name}.png"
-        tmp = path.with_name(f".{path.name}.tmp.png")  # written whole, then renamed (no half images)
-        ax.figure.savefig(tmp, dpi=120)
-        tmp.replace(path)
-        plt.close(ax.figure)
-        written.append(path)
+        written.append(save_figure(draw(df).figure, out / f"{name}.png"))
     return written
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Laid out, written whole, then renamed (no half images), and closed."""
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
