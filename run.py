@@ -7,6 +7,7 @@ failed job does not stop the others: fastmix.sweep summarises them at the end.
 """
 import logging
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def main(cfg) -> str:
         return "skipped"
     if cfg.threads is None and multirun:
         cfg.threads = sweep.job_threads(hc.launcher)
+    started = time.time()
     try:
         run_job(cfg, run_dir)
     except Exception as e:
@@ -48,9 +50,9 @@ def main(cfg) -> str:
                 sys.exit(2)
             raise
         log.error("job failed: %s", e if bad_input else traceback.format_exc())
-        sweep.write_status(run_dir, "failed", f"{type(e).__name__}: {e}".splitlines()[0][:300])
+        sweep.write_status(run_dir, "failed", f"{type(e).__name__}: {e}".splitlines()[0][:300], started)
         return "failed"
-    sweep.write_status(run_dir, "finished")
+    sweep.write_status(run_dir, "finished", started=started)
     log.info("done: %s", run_dir)
     return "finished"
 

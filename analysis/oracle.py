@@ -11,8 +11,10 @@
   seed it was not trained at), `normalized_regret` = regret / uniform's regret at
   that seed (0 = found the best, 1 = no better than uniform, > 1 = worse than not
   searching), `search_device_hours`, then the mixture.
-* regret.md: per method, mean ± std over seeds, `≈` when within noise of the
-  oracle (paired by seed, as the results table), the search cost (device-hours,
+* regret.md: per method, mean ± std over seeds, `≈` when the mean regret is at
+  most the measured noise floor (the seed-to-seed std of one mixture's target:
+  a method that close to the oracle found a mixture as good as the best, as far as
+  one more training seed could tell), the search cost (device-hours,
   FLOPs, proxy runs, x FastMix); the noise floor and the landscape's range; the
   landscape's best mixtures.
 * regret_vs_cost.png (log cost, Pareto front) and, for 3 sources, landscape.png:
@@ -78,14 +80,20 @@ def regret_rows(df: pd.DataFrame, info: dict) -> pd.DataFrame:
     return out
 
 
-def regret_table(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(numbers, strings): per method the mean and std over seeds, best first."""
+def regret_table(rows: pd.DataFrame, noise_floor: float | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(numbers, strings): per method the mean and std over seeds, best first.
+    `within_noise`: mean regret <= the noise floor. A paired t-interval over 3 seeds
+    (t = 4.30) cannot separate even uniform from the oracle (measured: 0.153 ± 0.069
+    counts as 0), so the measured floor is the yardstick; without one, the paired test."""
     g = rows.groupby("method", sort=False)
     cols = ["regret", "normalized_regret", "objective_loss"] + COST_COLS
     s = g[cols].mean().join(g[cols].std(ddof=1).add_suffix(" std"))
     s["seeds"] = g.size()
-    s["within_noise"] = [paired_within_noise(rows.loc[rows["method"] == m].set_index("seed")["regret"])
-                         for m in s.index]
+    if noise_floor:
+        s["within_noise"] = s["regret"] <= noise_floor
+    else:
+        s["within_noise"] = [paired_within_noise(rows.loc[rows["method"] == m].set_index("seed")["regret"])
+                             for m in s.index]
     ref = s["search_hours"].get("fastmix")
     s["x_fastmix"] = s["search_hours"] / ref if ref else np.nan
     s = s.sort_values("regret", kind="stable")
@@ -114,7 +122,8 @@ def summary_text(info: dict, table: pd.DataFrame, land: pd.DataFrame, hours: str
              + f"; landscape range {info['range']:.3f}, noise floor {info['noise_floor'] or float('nan'):.3f} "
              f"(std over seeds of the best grid mixture's and uniform's targets, averaged), so the range is "
              f"{info['range'] / info['noise_floor'] if info['noise_floor'] else float('nan'):.1f}x the floor. "
-             f"`≈`: regret within noise of 0 (paired by seed, 95% t-interval).", "",
+             + ("`≈`: mean regret at most the noise floor." if info["noise_floor"] else
+                "`≈`: regret within noise of 0 (paired by seed, 95% t-interval)."), "",
              "Best grid mixtures:", "", best.to_markdown(index=False, floatfmt=".3f")]
     return "\n".join(lines)
 
@@ -189,7 +198,7 @@ def write_oracle(root: Path, out: Path | None = None) -> str:
         raise TableError(f"the jobs in {root} mix other sources than the oracle's {sources}: a sweep with an "
                          f"oracle must keep data.sources fixed")
     rows = regret_rows(df, info)
-    s, table = regret_table(rows)
+    s, table = regret_table(rows, info["noise_floor"])
     text = summary_text(info, table, land, hours_label(df))
     csv = rows.rename(columns={"search_hours": "search_device_hours"})
     csv = csv[["method", "seed", "regret", "normalized_regret", "search_device_hours",

@@ -41,10 +41,15 @@ def machine() -> str:
 
 
 def sweep_wall_hours(sweep: Path) -> float | None:
-    """From the first job's start (its .hydra folder) to the last status written."""
-    starts = [p.stat().st_mtime for p in sweep.glob("*/.hydra/config.yaml")]
-    ends = [records.read_json(p)["time"] for p in sweep.glob("*/status.json")]
-    return (max(ends) - min(starts)) / 3600 if starts and ends else None
+    """From the first job's start to the last job's end, as each job's status.json
+    records them (a re-run that skips a job keeps its times). None when a job does
+    not say (a folder from before the times were kept): no number beats a wrong one."""
+    times = [records.read_json(p) for p in sweep.glob("*/status.json")]
+    starts = [t.get("started") for t in times]
+    ends = [t.get("finished") for t in times]
+    if not times or None in starts or None in ends:
+        return None
+    return (max(ends) - min(starts)) / 3600
 
 
 def readme_section(sweep: Path, texts: dict[str, str], figure: Path, readme: Path, command: str) -> str:

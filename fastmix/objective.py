@@ -11,6 +11,9 @@
   JSONL file of {"prompt", "answer"} rows, or from the validation split of a
   post-training source.
 
+Every objective reads at most `max_tokens_per_source` tokens per group and split
+(windows of the context, or one row per prompt/answer pair), one key for all three
+so a scale preset (experiment=smoke) can cap whichever objective is chosen.
 Every objective has `loss(model)` (the number a method minimises),
 `sample_batch(...)` / `fixed_batch(...)` (FastMix's outer-step batch) and
 `describe()`.
@@ -65,12 +68,18 @@ class Objective:
             raise UserError(f"objective split '{split}' is unknown: use one of {SPLITS}.")
         self.corpus, self.batch_size, self.split = corpus, batch_size, split
         self._rows: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        self._held_out: Objective | None = None
 
     def held_out(self) -> Objective:
-        """The same objective on the test split: what a target is scored on."""
-        other = copy.copy(self)
-        other.split, other._rows = "test", {}
-        return other
+        """The same objective on the test split: what a target is scored on. Built once,
+        so its rows are cut once however many grid targets or proxies it scores."""
+        if self.split == "test":
+            return self
+        if self._held_out is None:
+            other = copy.copy(self)
+            other.split, other._rows, other._held_out = "test", {}, None
+            self._held_out = other
+        return self._held_out
 
     def build_rows(self, context: int) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """group -> (input_ids [N, context+1], loss mask [N, context] or None)."""
@@ -171,7 +180,7 @@ class ValidationObjective(Objective):
 
 
 class TextFileObjective(Objective):
-    def __init__(self, corpus: Corpus, path: str, name: str = "text", max_tokens: int = 65536,
+    def __init__(self, corpus: Corpus, path: str, name: str = "text", max_tokens_per_source: int = 65536,
                  batch_size: int = 16, split: str = "val"):
         super().__init__(corpus, batch_size, split)
         p = abspath(path)
@@ -182,11 +191,11 @@ class TextFileObjective(Objective):
             raise UserError(f"objective.path {p} holds no text.")
         dtype = "uint32"
         self.tokens, self.mask, _ = tokenize_documents(corpus.tokenizer, docs, dtype)
-        self.name, self.max_tokens, self.path = name, max_tokens, str(p)
+        self.name, self.max_tokens, self.path = name, max_tokens_per_source, str(p)
         self.weights = {name: 1.0}
 
     def build_rows(self, context):
-        # windows for both splits (up to max_tokens each), then every other one
+        # windows for both splits (up to max_tokens_per_source each), then every other one
         ids, mask = _windows_with_mask(self.tokens, self.mask, context, 2 * self.max_tokens)
         return {self.name: (_alternate(ids, self.split), None if mask is None else _alternate(mask, self.split))}
 
@@ -199,7 +208,8 @@ class QAObjective(Objective):
     to the context, right-padded; padding and prompt tokens do not count)."""
 
     def __init__(self, corpus: Corpus, path: str | None = None, source: str | None = None, name: str = "qa",
-                 max_pairs: int = 512, batch_size: int = 16, split: str = "val"):
+                 max_pairs: int = 512, max_tokens_per_source: int = 1 << 20, batch_size: int = 16,
+                 split: str = "val"):
         super().__init__(corpus, batch_size, split)
         if (path is None) == (source is None):
             raise UserError("objective=qa needs exactly one of objective.path (a JSONL of "
@@ -222,7 +232,7 @@ class QAObjective(Objective):
                                 f"split: rows need 'prompt' and 'answer'.")
             where = f"source '{source}'"
         self.file_pairs, self.source = (pairs if path is not None else None), source
-        self.name, self.where, self.max_pairs = name, where, max_pairs
+        self.name, self.where, self.max_pairs, self.max_tokens = name, where, max_pairs, max_tokens_per_source
         self.weights = {name: 1.0}
 
     @property
@@ -235,7 +245,9 @@ class QAObjective(Objective):
     def build_rows(self, context):
         tok = self.corpus.tokenizer
         ids_list, masks = [], []
-        for pair in self.pairs:
+        # one row of context + 1 tokens per pair, at most max_tokens_per_source // context
+        # rows: the same cap, in the same unit, as the other objectives' windows
+        for pair in self.pairs[:max(1, self.max_tokens // context)]:
             flat, mask, _ = tokenize_documents(tok, [pair], "int64")
             flat, mask = flat[-(context + 1):], mask[-(context + 1):]  # keep the answer, cut the prompt's start
             pad = context + 1 - len(flat)

@@ -46,12 +46,24 @@ def job_threads(launcher: DictConfig | None) -> int | None:
     return None
 
 
-def write_status(run_dir: Path, status: str, error: str | None = None) -> None:
-    """The job's outcome for the summary; only inside a sweep (the id is set)."""
+def write_status(run_dir: Path, status: str, error: str | None = None, started: float | None = None) -> None:
+    """The job's outcome for the summary; only inside a sweep (the id is set).
+    `started`/`finished` are when the job did its work: a skipped job keeps the
+    times of the run that did it, so a re-run's report still gives the sweep's
+    real wall time (analysis.report.sweep_wall_hours)."""
     sweep_id = os.environ.get(SWEEP_ID)
-    if sweep_id and distributed.is_main():
-        records.write_json(Path(run_dir) / "status.json",
-                           {"sweep_id": sweep_id, "status": status, "error": error, "time": time.time()})
+    if not (sweep_id and distributed.is_main()):
+        return
+    path = Path(run_dir) / "status.json"
+    times = {"started": started, "finished": time.time()}
+    if status == "skipped":
+        try:
+            old = records.read_json(path)
+            times = {k: old.get(k) for k in times}
+        except (OSError, ValueError):
+            times = {"started": None, "finished": None}
+    records.write_json(path, {"sweep_id": sweep_id, "status": status, "error": error, "time": time.time(),
+                              **times})
 
 
 def expected_jobs(config: DictConfig) -> int | None:

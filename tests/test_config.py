@@ -33,3 +33,22 @@ def test_every_optimizer_names_itself_and_a_target():
 def test_default_data_is_the_embedded_corpus():
     cfg = compose([])
     assert cfg.data.name == "embedded" and Path(cfg.data.root).is_absolute()
+
+
+EXPERIMENTS = sorted(f.stem for f in (CONF_DIR / "experiment").glob("*.yaml"))
+OBJECTIVES = sorted(f.stem for f in (CONF_DIR / "objective").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_every_objective_takes_its_keys_under_every_experiment(experiment, objective):
+    """An experiment's preset (experiment=smoke caps objective.max_tokens_per_source)
+    must be a keyword every objective class accepts, or the valid combination
+    `experiment=smoke objective=text` stops with a TypeError."""
+    import inspect
+
+    from hydra.utils import get_class
+    cfg = compose([f"experiment={experiment}", f"objective={objective}", "++objective.path=/x"])
+    keys = set(cfg.objective) - {"_target_"} - ({"path"} if objective != "text" else set())
+    params = inspect.signature(get_class(cfg.objective._target_).__init__).parameters
+    assert keys <= set(params), f"{cfg.objective._target_} does not take {sorted(keys - set(params))}"

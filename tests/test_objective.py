@@ -31,7 +31,7 @@ def test_validation_objective_splits(corpus):
 def test_text_file_windows_alternate(corpus, tmp_path):
     text = " ".join(f"word{i} is followed by word{i + 1}." for i in range(400))
     (tmp_path / "t.txt").write_text(text)
-    obj = TextFileObjective(corpus, str(tmp_path / "t.txt"), max_tokens=10_000)
+    obj = TextFileObjective(corpus, str(tmp_path / "t.txt"), max_tokens_per_source=10_000)
     val, test = obj.rows(16)["text"][0], obj.held_out().rows(16)["text"][0]
     assert abs(len(val) - len(test)) <= 1 and len(test) > 4
     # windows 0, 2, 4, ... search; 1, 3, 5, ... score: their target tokens are disjoint

@@ -73,6 +73,22 @@ def test_micro_oracle_end_to_end(tiny_corpus, cache_dir, tmp_path):
     assert again["grid"] == info["grid"]
 
 
+def test_oracle_on_a_text_file_objective(tiny_corpus, cache_dir, tmp_path):
+    """Any objective composes with the oracle experiment: here an external text file
+    (its windows alternate between the searched and the scored split)."""
+    text = tmp_path / "target.txt"
+    docs = (tiny_corpus / "techdocs" / "docs.jsonl").read_text().splitlines()
+    text.write_text("\n\n".join(json.loads(line)["text"] for line in docs))
+    out = tmp_path / "sweep"
+    r = micro_oracle(tiny_corpus, cache_dir, out, ["optimizer=oracle", "seed=0", "oracle.resolution=1",
+                                                   "objective=text", f"objective.path={text}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((job(out, "oracle", 0) / "result.json").read_text())
+    assert res["objective"]["name"] == "text" and len(res["search_info"]["oracle"]["grid"]) == 3
+    from analysis.oracle import main
+    assert main([str(out)]) == 0 and len(pd.read_csv(out / "oracle" / "landscape.csv")) == 3
+
+
 def write_result(root: Path, method: str, seed: int, loss: float, weights: dict, info: dict | None = None,
                  hours: float = 1.0) -> None:
     d = root / f"{method}_{seed}"
@@ -107,6 +123,7 @@ def test_regret_by_hand(tmp_path):
     assert r.loc[("uniform", 1), "normalized_regret"] == pytest.approx(1.0)
     assert r.loc[("method", 1), "a"] == pytest.approx(0.7)
     assert "0.175 ± 0.106" in text  # mean and sample std of (0.25, 0.1)
+    assert "| ≈ 0.000 ± 0.000" in text and "| 0.175 ± 0.106" in text  # the floor (0.1) is the yardstick
     assert "range 1.000, noise floor 0.100" in text and not (tmp_path / "oracle" / "landscape.png").exists()
 
 

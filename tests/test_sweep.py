@@ -25,8 +25,9 @@ def joblib_sweep(tiny_corpus, cache_dir, tmp_path_factory):
     first = run_cli(args, cwd=cwd)
     folder = cwd / "outputs" / "sweep" / "smoke"
     stamps = {p.parent.name: p.stat().st_mtime for p in folder.glob("*/result.json")}
+    times = {p.parent.name: json.loads(p.read_text()) for p in folder.glob("*/status.json")}
     second = run_cli(args, cwd=cwd)
-    return folder, first, second, stamps
+    return folder, first, second, (stamps, times)
 
 
 def job(folder: Path, name: str) -> Path:
@@ -52,11 +53,22 @@ def test_sweep_finishes_the_others_and_reports_the_failure(joblib_sweep):
 
 
 def test_rerun_skips_finished_jobs(joblib_sweep):
-    folder, _, second, stamps = joblib_sweep
+    folder, _, second, (stamps, times) = joblib_sweep
     out = second.stdout + second.stderr
     assert second.returncode == 1 and "0 finished, 2 skipped, 1 failed" in out, out[-3000:]
     assert stamps == {p.parent.name: p.stat().st_mtime for p in folder.glob("*/result.json")}
     assert len(stamps) == 2
+    # a skipped job keeps the times of the run that did its work: the report's wall time
+    from analysis.report import sweep_wall_hours
+    for name in stamps:
+        now = json.loads((folder / name / "status.json").read_text())
+        assert now["status"] == "skipped" and times[name]["status"] == "finished"
+        assert (now["started"], now["finished"]) == (times[name]["started"], times[name]["finished"])
+        assert now["started"] < now["finished"]
+    now = [json.loads(p.read_text()) for p in folder.glob("*/status.json")]
+    span = max(t["finished"] for t in now) - min(t["started"] for t in now)
+    assert sweep_wall_hours(folder) == pytest.approx(span / 3600)
+    assert min(t["started"] for t in now) == min(t["started"] for t in times.values())  # the first run's start
 
 
 def test_table_of_the_sweep(joblib_sweep):
