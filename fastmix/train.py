@@ -101,6 +101,19 @@ def token_losses(model, batch: Batch, device, precision: str) -> torch.Tensor:
                            reduction="none").view(B, T)
 
 
+def last_hidden(model, batch: Batch, device, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The input of the LM head for the fused loss: ([B*T, H] final-norm hidden states,
+    [B*T] targets, [B*T] token weights = the row's loss weight x the loss mask)."""
+    ids = batch.input_ids.to(device, non_blocking=True)
+    with autocast(device, precision):
+        h = model.model(input_ids=ids[:, :-1]).last_hidden_state
+    B, T, H = h.shape
+    w = batch.weight.to(device)[:, None].expand(B, T)
+    if batch.loss_mask is not None:
+        w = w * batch.loss_mask.to(device)
+    return h.reshape(B * T, H), ids[:, 1:].reshape(-1), w.reshape(-1)
+
+
 def weighted_loss(tok_loss: torch.Tensor, batch: Batch) -> torch.Tensor:
     """sum(w_src * mask * token_loss) / sum(w_src * mask) over the micro-batch
     (FastMix Eq. 3's weighted objective; with w = 1 it is the plain mean)."""
@@ -237,16 +250,9 @@ class Trainer:
         if not self.cfg.get("fused_loss", True):
             tok = token_losses(self.model, batch, self.device, self.cfg.precision)
             return weighted_loss(tok, batch), tok.detach()
-        ids = batch.input_ids.to(self.device, non_blocking=True)
-        with autocast(self.device, self.cfg.precision):
-            h = self.model.model(input_ids=ids[:, :-1]).last_hidden_state
-        B, T, H = h.shape
-        w = batch.weight.to(self.device)[:, None].expand(B, T)
-        if batch.loss_mask is not None:
-            w = w * batch.loss_mask.to(self.device)
-        loss, tok = fused_linear_cross_entropy(h.reshape(B * T, H), self.model.get_output_embeddings().weight,
-                                               ids[:, 1:].reshape(-1), w.reshape(-1))
-        return loss, tok.view(B, T)
+        h, targets, w = last_hidden(self.model, batch, self.device, self.cfg.precision)
+        loss, tok = fused_linear_cross_entropy(h, self.model.get_output_embeddings().weight, targets, w)
+        return loss, tok.view(batch.input_ids.shape[0], -1)
 
     def train(self, stop_after: int | None = None) -> dict:
         """Run to the end (or `stop_after` optimizer steps, for tests of resuming);
