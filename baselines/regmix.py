@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastmix.cli import run_tool
 from fastmix.errors import UserError
 from fastmix.optimizer import SearchContext, SearchResult
 
@@ -341,13 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--early-stopping", choices=("holdout", "test"), default="holdout", help="holdout: 20%% "
                     "of the runs pick the rounds, refit on all; test: stop on the test runs (notebook)")
     ap.add_argument("--seed", type=int, default=42, help="notebook: np.random.seed(42)")
-    a = ap.parse_args(argv)
-    try:
-        _run_cli(a)
-    except UserError as e:
-        print(f"regmix: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool(ap, _run_cli, argv)
 
 
 def _run_cli(a) -> None:

@@ -236,5 +236,5 @@ def test_cli_bad_input_fails_cleanly(tmp_path, capsys, case, msg):
     out = tmp_path / "out.json"
     assert cli(*args, out, *extra) == 2
     err = capsys.readouterr().err
-    assert err.startswith("regmix: error:") and msg in err and err.count("\n") == 1
+    assert err.startswith("error:") and msg in err and err.count("\n") == 1
     assert not out.exists() and not list(tmp_path.glob(".out.json*"))

@@ -267,3 +267,21 @@ def test_table_unknown_paper_setting(tmp_path, capsys):
     write_result(tmp_path, "fastmix", 0, {"t1": 0.5}, 1.0)
     assert main([str(tmp_path), "--paper", "pretrian"]) == 2
     assert "unknown --paper 'pretrian'" in capsys.readouterr().err
+
+
+def test_table_names_a_bad_result_and_goes_on(tmp_path, capsys):
+    """A truncated result.json is named in one warning and left out; the table is
+    made from the rest. With nothing readable: one line, exit 2, no traceback."""
+    from analysis.tables import main
+    write_result(tmp_path, "fastmix", 0, {"t1": 0.5}, 1.0)
+    write_result(tmp_path, "uniform", 0, {"t1": 0.4}, 1.0)
+    bad = next(tmp_path.rglob("result.json"))
+    bad.write_text(bad.read_text()[:40])
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert f"skipping {bad}" in out.err and "Traceback" not in out.err
+    (good,) = [p for p in tmp_path.rglob("result.json") if p != bad]
+    good.write_text("{}")
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 2 result.json" in err and "Traceback" not in err
