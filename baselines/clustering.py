@@ -47,9 +47,7 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from fastmix.data import SPLITS, Corpus, open_corpus, write_split
+from fastmix.records import atomic_file
 from fastmix.errors import UserError
 from fastmix.records import building_dir, write_json
 
@@ -136,14 +135,8 @@ class EmbeddingCache:
     def add(self, keys: list[str], vecs: np.ndarray, ntok: np.ndarray) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha1("".join(keys).encode()).hexdigest()[:16]
-        fd, tmp = tempfile.mkstemp(prefix=".shard-", suffix=".npz", dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, keys=np.array(keys, dtype="S40"), vecs=vecs, ntok=ntok)
-            os.replace(tmp, self.folder / f"shard-{name}.npz")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(self.folder / f"shard-{name}.npz", "wb") as fh:
+            np.savez(fh, keys=np.array(keys, dtype="S40"), vecs=vecs, ntok=ntok)
         for k, v, n in zip(keys, vecs, ntok):
             self.vecs[k], self.ntok[k] = v, int(n)
 

@@ -46,6 +46,7 @@ from fastmix import distributed
 from fastmix.cost import Cost, CostMeter
 from fastmix.fused_loss import fused_linear_cross_entropy, tune_malloc
 from fastmix.models import flop_params
+from fastmix.records import atomic_file, write_text_atomic
 from fastmix.sampling import Batch, MixtureSampler
 
 
@@ -167,9 +168,8 @@ def planned_steps(cfg, world: int = 1, context: int | None = None) -> int:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 class Trainer:
@@ -238,9 +238,7 @@ class Trainer:
         if distributed.is_main() and self.metrics_path.exists():
             rows = [r for r in self.metrics_path.read_text().splitlines() if r.strip()]
             kept = [r for r in rows if json.loads(r)["step"] <= self.step]
-            tmp = self.metrics_path.with_suffix(".tmp")
-            tmp.write_text("".join(r + "\n" for r in kept))
-            os.replace(tmp, self.metrics_path)
+            write_text_atomic(self.metrics_path, "".join(r + "\n" for r in kept))
 
     # ------------------------------------------------------------------ loop
     def micro_batch_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
