@@ -222,7 +222,7 @@ class Trainer:
             _atomic_save(self.state_dict(), self.ckpt_path)
 
     def _resume(self) -> None:
-        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -229,3 +229,36 @@ def test_paper_preset_is_the_reference_shape():
     demo = compose(["experiment=demo", "optimizer=fastmix"])
     T, lr_z, n = FastMix().schedule(demo.proxy)
     assert T == 1 and lr_z * n == pytest.approx(16.01)
+
+
+def test_killed_and_resumed_search_ends_with_the_same_weights(tmp_path):
+    """The hook's state (z, its AdamW, the RNG, the trace) goes through the checkpoint,
+    which loads with torch.load(weights_only=True): a run cut after step 5
+    (checkpoint at 3) and resumed with a fresh hook ends where an uncut one does."""
+    from omegaconf import OmegaConf
+
+    from fastmix.cost import CostMeter
+    from fastmix.train import Trainer
+    g = np.random.default_rng(0)
+    src = {"a": g.choice(V // 2, size=3000).astype(np.uint16), "b": (np.arange(3000) % 11 + 30).astype(np.uint16),
+           "c": g.integers(0, V, 3000).astype(np.uint16)}
+    _, _, val_batch = setup_case(seed=5)
+    cfg = OmegaConf.create(dict(tokens=6 * 2 * 8 * CTX, batch_size=8, grad_accum=2, lr=3e-3, warmup_steps=2,
+                                schedule="constant", min_lr_ratio=0.1, weight_decay=0.1, betas=[0.9, 0.95],
+                                grad_clip=1.0, precision="bf16", log_every=2, ckpt_every=3))
+
+    def run(out, stop_after=None):
+        hook = FastMixHook(["a", "b", "c"], _FixedObjective(val_batch), torch.zeros(3), 0.05, (0.9, 0.95), 0.0,
+                           "lm_head", 16, seed=0)
+        model = build_model({"layers": 1, "hidden": 24, "ffn": 48, "heads": 2, "context": CTX}, V, seed=1)
+        sampler = MixtureSampler(src, CTX, 8, seed=3, loss_weights={n: 1 / 3 for n in src})
+        meter = CostMeter(torch.device("cpu"))
+        with meter.stage("search"):
+            Trainer(model, sampler, cfg, torch.device("cpu"), meter, out, hook=hook,
+                    progress=False).train(stop_after=stop_after)
+        return hook
+    full = run(tmp_path / "full")
+    run(tmp_path / "cut", stop_after=5)
+    resumed = run(tmp_path / "cut")
+    assert len(full.trace) == 11 and resumed.trace == full.trace
+    assert torch.equal(full.z.detach(), resumed.z.detach())
