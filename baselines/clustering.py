@@ -55,9 +55,8 @@ from pathlib import Path
 import numpy as np
 
 from fastmix.data import SPLITS, Corpus, open_corpus, write_split
-from fastmix.records import atomic_file
 from fastmix.errors import UserError
-from fastmix.records import building_dir, write_json
+from fastmix.records import atomic_file, building_dir, write_json
 
 log = logging.getLogger(__name__)
 

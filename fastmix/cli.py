@@ -1,5 +1,5 @@
 """The one wrapper of the `python -m` tools (analysis.tables/plots/report/oracle,
-baselines.regmix, fastmix.export): parse the arguments, run, and turn bad input
+baselines.regmix_replay, fastmix.export): parse the arguments, run, and turn bad input
 (a `UserError`) into one line on stderr and exit code 2; anything else is a bug
 and keeps its traceback."""
 from __future__ import annotations

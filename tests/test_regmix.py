@@ -12,16 +12,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from baselines.regmix import (
-    RegMix,
-    Regressor,
-    dirichlet_mixtures,
-    finish_mixtures,
-    main,
-    strengths,
-    temper,
-    usage_bound,
-)
+from baselines.proxy_search import Regressor, dirichlet_mixtures, finish_mixtures, strengths, temper, usage_bound
+from baselines.regmix import RegMix
+from baselines.regmix_replay import main
 from fastmix.errors import UserError
 
 SRC = ["a", "b", "c", "d"]
