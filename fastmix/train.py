@@ -30,6 +30,7 @@ alone writes metrics.jsonl and checkpoint.pt.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -48,6 +49,8 @@ from fastmix.fused_loss import fused_linear_cross_entropy, tune_malloc
 from fastmix.models import flop_params
 from fastmix.records import atomic_file, write_text_atomic
 from fastmix.sampling import Batch, MixtureSampler
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -266,7 +269,7 @@ class Trainer:
         t0 = time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, disable=not self.progress,
                    leave=False)
-        with open(self.metrics_path, "a") if distributed.is_main() else nullcontext() as log:
+        with open(self.metrics_path, "a") if distributed.is_main() else nullcontext() as metrics:
             while self.step < self.total_steps:
                 loss_sum, src_stats = 0.0, []
                 # per-source losses are only needed for a step that is logged
@@ -325,9 +328,12 @@ class Trainer:
                     last = {"step": self.step, "tokens": self.step * self.tokens_per_step,
                             "loss": loss_sum, "grad_norm": float(grad_norm),
                             "lr": self.scheduler.get_last_lr()[0], "source_loss": source_loss}
-                    if log is not None:
-                        log.write(json.dumps(last) + "\n")
-                        log.flush()
+                    if metrics is not None:
+                        metrics.write(json.dumps(last) + "\n")
+                        metrics.flush()
+                        # run.log holds them too (sweeps and proxies run without progress bars)
+                        log.info("%s step %d/%d loss %.4f lr %.3g", self.desc, self.step, self.total_steps,
+                                 loss_sum, last["lr"])
                     bar.set_postfix(loss=f"{loss_sum:.3f}")
                 if self.step % self.cfg.ckpt_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()

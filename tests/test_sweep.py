@@ -1,6 +1,7 @@
 """Sweeps through Hydra launchers, the end-of-sweep summary, the tables, plots
 and notebooks built from run folders, and the paper experiments' configs."""
 import json
+import re
 import math
 import os
 import stat
@@ -49,7 +50,9 @@ def test_sweep_finishes_the_others_and_reports_the_failure(joblib_sweep):
     assert json.loads((bad / "status.json").read_text())["status"] == "failed"
     assert "job failed" in (bad / "run.log").read_text()  # the reason is in the job's own log too
     # Joblib ran the jobs in parallel with one torch thread each on 2 cores.
-    assert "1 torch threads" in (job(folder, "uniform") / "run.log").read_text()
+    log = (job(folder, "uniform") / "run.log").read_text()
+    assert "1 torch threads" in log
+    assert re.search(r"target step \d+/\d+ loss \d", log), log[-2000:]  # the loop's loss lines, no progress bar
 
 
 def test_rerun_skips_finished_jobs(joblib_sweep):
