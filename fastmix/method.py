@@ -229,6 +229,12 @@ class FastMix:
             raise UserError(f"optimizer.init '{init}' is unknown: use uniform or prior.")
         if outer_every < 1:
             raise UserError(f"optimizer.outer_every must be >= 1, got {outer_every}.")
+        if not (math.isfinite(lr) and lr > 0):
+            raise UserError(f"optimizer.lr={lr} is not allowed: must be a finite number > 0.")
+        if not (math.isfinite(entropy_reg) and entropy_reg >= 0):
+            raise UserError(f"optimizer.entropy_reg={entropy_reg} is not allowed: must be a finite number >= 0.")
+        if min(val_rows_per_group, val_batch_size, reference_outer_steps) < 1:
+            raise UserError("optimizer.val_rows_per_group, val_batch_size and reference_outer_steps must be >= 1.")
         self.outer_every, self.lr, self.betas, self.entropy_reg = outer_every, lr, betas, entropy_reg
         self.grad_params, self.init, self.val_batch_size = grad_params, init, val_batch_size
         self.val_batch, self.val_rows_per_group = val_batch, val_rows_per_group

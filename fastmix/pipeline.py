@@ -23,7 +23,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fastmix import distributed, records
+from fastmix import distributed, records, schema
 from fastmix.cost import Cost, CostMeter
 from fastmix.data import Corpus, prepare_corpus
 from fastmix.errors import UserError
@@ -258,6 +258,7 @@ def run_search(cfg: DictConfig, optimizer, corpus: Corpus, objective, meter: Cos
 
 def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
+    schema.check(cfg)  # a bad value stops here, before any work
     threads = set_threads(cfg.threads)
     distributed.init()  # before the device (cuda:LOCAL_RANK) and the meter (devices x ranks)
     device = resolve_device(cfg.device)

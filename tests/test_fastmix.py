@@ -127,6 +127,9 @@ def test_bad_options_are_refused():
         FastMix(grad_params="everything")
     with pytest.raises(UserError, match="init"):
         FastMix(init="random")
+    for bad in (float("nan"), -1.0, 0.0):
+        with pytest.raises(UserError, match="optimizer.lr="):
+            FastMix(lr=bad)
 
 
 def test_search_favours_the_objective_source(smoke_args, tmp_path):
