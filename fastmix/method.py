@@ -54,7 +54,8 @@ from fastmix.errors import UserError
 from fastmix.models import flop_params
 from fastmix.optimizer import SearchContext, SearchResult
 from fastmix.fused_loss import head_gradient, head_gradient_dots
-from fastmix.train import StepInfo, Trainer, last_hidden, masked_mean, planned_steps, token_losses, weighted_loss
+from fastmix.train import (HookContext, StepInfo, last_hidden, masked_mean, planned_steps, token_losses,
+                           weighted_loss)
 
 
 def softmax_chain(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -132,6 +133,8 @@ def head_hypergradient(model, val_batch, info: StepInfo, n_sources: int, lr: flo
 class FastMixHook:
     """The outer step, called by the one training loop every T micro-batches."""
 
+    needs_token_losses = False  # runs before the micro-batch's forward
+
     def __init__(self, names: list[str], objective, z0: torch.Tensor, lr: float, betas, entropy_reg: float,
                  grad_params: str, val_batch_size: int, seed: int, val_batch: str = "fixed",
                  val_rows_per_group: int = 2):
@@ -153,36 +156,36 @@ class FastMixHook:
             return [model.get_output_embeddings().weight]
         return [p for p in model.parameters() if p.requires_grad]
 
-    def __call__(self, trainer: Trainer, info: StepInfo) -> None:
+    def __call__(self, ctx: HookContext, info: StepInfo) -> None:
         if info.micro_step == 0:
             return  # public code: no outer step before the first inner step
-        model = trainer.model
+        model = ctx.model
         params = self._params(model)
         context = model.config.max_position_embeddings
         vb = (self.objective.fixed_batch(self.val_rows_per_group, context) if self.val_batch == "fixed" else
               self.objective.sample_batch(self.rng, self.val_batch_size, context))
-        lr = trainer.scheduler.get_last_lr()[0]
+        lr = ctx.lr
         fused = self.grad_params == "lm_head" and model.get_input_embeddings().weight is not params[0]
         # a tied head's gradient also flows through the input embedding: autograd then
-        g, inner, val_loss = (head_hypergradient(model, vb, info, len(self.names), lr, trainer.device,
-                                                 trainer.cfg.precision) if fused else
-                              hypergradient(model, params, vb, info, len(self.names), lr, trainer.device,
-                                            trainer.cfg.precision))
+        g, inner, val_loss = (head_hypergradient(model, vb, info, len(self.names), lr, ctx.device,
+                                                 ctx.precision) if fused else
+                              hypergradient(model, params, vb, info, len(self.names), lr, ctx.device,
+                                            ctx.precision))
         w = self.weights
         dz = softmax_chain(w, g) - self.entropy_reg * entropy_grad(w)
         self.opt.zero_grad()
         self.z.grad = dz
         self.opt.step()
-        trainer.sampler.set_loss_weights(self.weights.numpy())
+        ctx.set_loss_weights(self.weights.numpy())
         # Cost of the outer step: forwards of the objective batch and the micro-batch,
         # and the gradient passes to `params` (forward-sized work on those parameters).
         n_grad = sum(p.numel() for p in params)
         # The objective batch is the same on every rank (counted once); the micro-batch's
         # rows are split over the ranks (counted for all of them).
         val_tokens = vb.input_ids.shape[0] * (vb.input_ids.shape[1] - 1)
-        batch_tokens = info.batch.input_ids.shape[0] * (info.batch.input_ids.shape[1] - 1) * trainer.world
-        trainer.meter.add_forward(flop_params(model), val_tokens + batch_tokens)
-        trainer.meter.add_forward(n_grad, val_tokens + batch_tokens)
+        batch_tokens = info.batch.input_ids.shape[0] * (info.batch.input_ids.shape[1] - 1) * ctx.world
+        ctx.meter.add_forward(flop_params(model), val_tokens + batch_tokens)
+        ctx.meter.add_forward(n_grad, val_tokens + batch_tokens)
         self.trace.append({"step": info.step, "micro_step": info.micro_step, "objective_loss": val_loss,
                            "inner_products": dict(zip(self.names, inner.tolist())),
                            "hypergradient": dict(zip(self.names, g.tolist())),

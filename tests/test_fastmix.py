@@ -149,16 +149,16 @@ def test_search_favours_the_objective_source(smoke_args, tmp_path):
 
 
 class _Recorder:
-    """The parts of the trainer the hook touches, recording what it is given."""
+    """A HookContext whose meter and sampler record what the hook gives them."""
 
     def __init__(self, model, lr):
         from types import SimpleNamespace
-        self.model, self.device, self.world = model, "cpu", 1
-        self.scheduler = SimpleNamespace(get_last_lr=lambda: [lr])
-        self.cfg = SimpleNamespace(precision="bf16")
+
+        from fastmix.train import HookContext
         self.loss_weights, self.forward_flops = None, []
-        self.sampler = SimpleNamespace(set_loss_weights=lambda w: setattr(self, "loss_weights", w))
-        self.meter = SimpleNamespace(add_forward=lambda n, t: self.forward_flops.append((n, t)))
+        self.ctx = HookContext(model, "cpu", "bf16", lr, world=1, grad_accum=1, total_steps=1,
+                               meter=SimpleNamespace(add_forward=lambda n, t: self.forward_flops.append((n, t))),
+                               set_loss_weights=lambda w: setattr(self, "loss_weights", w))
 
 
 class _FixedObjective:
@@ -195,7 +195,7 @@ def test_hook_against_independent_code():
                        "lm_head", 16, seed=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = _Recorder(model, lr_model)
-    hook(trainer, StepInfo(0, 20, batch))
+    hook(trainer.ctx, StepInfo(0, 20, batch))
     assert torch.allclose(hook.z.detach(), z1, rtol=1e-5, atol=1e-9), (hook.z, z1)
     traced = torch.tensor(list(hook.trace[-1]["hypergradient"].values()), dtype=torch.float64)
     assert torch.allclose(traced, g, rtol=1e-4)  # -lr x <G_val, G_k> at the model's current lr
