@@ -48,6 +48,7 @@ import importlib
 import json
 import logging
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +107,7 @@ def embed_texts(texts: list[str], *, model: str, max_seq_length: int, batch_size
     enc = load_encoder(model, device)
     enc.max_seq_length = max_seq_length
     vecs = enc.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                      show_progress_bar=False)
+                      show_progress_bar=sys.stderr.isatty())  # a bar on a terminal, none in logs
     ids = enc.tokenizer(texts, truncation=True, max_length=max_seq_length)["input_ids"]
     ntok = np.array([len(x) for x in ids], dtype=np.int64)
     return np.asarray(vecs, dtype=np.float32), ntok

@@ -54,6 +54,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, make_disjoint_window
+from tqdm.auto import tqdm
 
 from fastmix.errors import UserError
 from fastmix.models import flop_params
@@ -256,7 +257,7 @@ class InMemoryLM(TemplateLM):
         (`logits_to_keep`), the bulk of the cost for small models."""
         out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-        for b in range(0, len(order), self.batch_size):
+        for b in tqdm(range(0, len(order), self.batch_size), desc="eval batches", disable=None, leave=False):
             idx = order[b:b + self.batch_size]
             inps, conts = [], []
             for i in idx:
