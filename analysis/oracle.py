@@ -44,6 +44,7 @@ from hydra.experimental.callback import Callback
 from analysis.plots import NO_SEARCH_HOURS, pareto_front, save_figure
 from analysis.tables import COST_COLS, TableError, _cell, hours_label, load_results, paired_within_noise
 from fastmix import records
+from fastmix.cli import run_tool
 
 HOW = ("run one: python run.py -m experiment=oracle_smoke hydra.sweep.dir={root} (or experiment=oracle), "
        "or add optimizer=oracle to this sweep")
@@ -223,13 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep", type=Path, help="a sweep folder holding an optimizer=oracle job")
     ap.add_argument("--out", type=Path, default=None, help="where to write (default <sweep>/oracle)")
-    args = ap.parse_args(argv)
-    try:
-        print(write_oracle(args.sweep, args.out))
-    except TableError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool(ap, lambda args: print(write_oracle(args.sweep, args.out)), argv)
 
 
 

@@ -39,6 +39,7 @@ from analysis.tables import (
     summarize,
 )
 from fastmix import records
+from fastmix.cli import run_tool
 
 NO_SEARCH_HOURS = 1e-4  # a search cheaper than this (0.36 s) is "no search": drawn as a line
 
@@ -153,14 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep", type=Path, help="a sweep folder (outputs/sweep/<name>)")
     ap.add_argument("--out", type=Path, default=None, help="where to write the figures (default <sweep>/plots)")
-    args = ap.parse_args(argv)
-    try:
+    def run(args):
         for p in write_plots(args.sweep, args.out):
             print(p)
-    except TableError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool(ap, run, argv)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from hydra.experimental.callback import Callback
 from analysis.plots import write_plots
 from analysis.tables import TableError, load_results, write_tables
 from fastmix import records
+from fastmix.cli import run_tool
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -120,14 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("sweep", type=Path)
     ap.add_argument("--paper", default=None, help="pretrain | posttrain: the papers' figures beside ours")
     ap.add_argument("--readme", type=Path, default=None, help="replace this file's results section")
-    args = ap.parse_args(argv)
-    try:
+    def run(args):
         for name, text in report(args.sweep, args.paper, args.readme).items():
             print(f"## {name}\n\n{text}\n")
-    except TableError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool(ap, run, argv)
 
 
 if __name__ == "__main__":

@@ -33,13 +33,15 @@ import yaml
 from scipy import stats
 
 from fastmix import records
+from fastmix.cli import run_tool
+from fastmix.errors import UserError
 
 REPORTED = Path(__file__).with_name("reported.yaml")
 COST_COLS = ["search_hours", "search_flops", "proxy_runs"]
 NOISE_LEVEL = 0.95  # two-sided confidence of the paired-by-seed interval in `within_noise`
 
 
-class TableError(ValueError):
+class TableError(UserError):
     """Bad input to the table builder: one message naming the thing and the fix."""
 
 
@@ -54,23 +56,35 @@ def load_results(root: Path) -> pd.DataFrame:
     if not paths:
         raise TableError(f"no result.json under {root}: no job of this sweep has finished "
                          f"(a job writes result.json and DONE last); run the sweep first")
-    rows = []
+    rows, bad = [], []
     for p in paths:
-        r = records.read_json(p)
-        cost = r["search_cost"]
-        row = {"method": r["optimizer"], "seed": r["seed"], "dir": str(p.parent), "suite": r.get("eval_suite"),
-               "device": cost["device"], "search_hours": cost["device_hours"], "search_flops": cost["flops"],
-               "proxy_runs": cost["proxy_runs"], "eval_average": r.get("eval_average"),
-               "val_loss_average": r["val_loss_average"], "objective_loss": r["objective_loss"],
-               "eval_split": r.get("eval_split", "val")}  # rows from before test-split scoring say val
-        check = (r.get("search_info") or {}).get("proxy_check")
-        if check:
-            row.update({"check_spearman": check.get("spearman"), "check_passed": check.get("passed")})
-        row.update({f"score:{k}": v for k, v in (r.get("eval") or {}).items()})
-        row.update({f"val:{k}": v for k, v in r["val_loss"].items()})
-        row.update({f"weight:{k}": v for k, v in r["weights"].items()})
-        rows.append(row)
+        try:
+            rows.append(result_row(p))
+        except (OSError, ValueError, KeyError, TypeError) as e:  # truncated, hand-edited, another tool's
+            bad.append(p)
+            print(f"warning: skipping {p}: not a readable result.json ({type(e).__name__}: {e}); "
+                  f"re-run its job (delete its DONE) or remove the folder", file=sys.stderr)
+    if not rows:
+        raise TableError(f"none of the {len(bad)} result.json under {root} could be read: see the warnings")
     return pd.DataFrame(rows)
+
+
+def result_row(p: Path) -> dict:
+    """One job's row of `load_results`."""
+    r = records.read_json(p)
+    cost = r["search_cost"]
+    row = {"method": r["optimizer"], "seed": r["seed"], "dir": str(p.parent), "suite": r.get("eval_suite"),
+           "device": cost["device"], "search_hours": cost["device_hours"], "search_flops": cost["flops"],
+           "proxy_runs": cost["proxy_runs"], "eval_average": r.get("eval_average"),
+           "val_loss_average": r["val_loss_average"], "objective_loss": r["objective_loss"],
+           "eval_split": r.get("eval_split", "val")}  # rows from before test-split scoring say val
+    check = (r.get("search_info") or {}).get("proxy_check")
+    if check:
+        row.update({"check_spearman": check.get("spearman"), "check_passed": check.get("passed")})
+    row.update({f"score:{k}": v for k, v in (r.get("eval") or {}).items()})
+    row.update({f"val:{k}": v for k, v in r["val_loss"].items()})
+    row.update({f"weight:{k}": v for k, v in r["weights"].items()})
+    return row
 
 
 def _columns(df: pd.DataFrame, prefix: str) -> list[str]:
@@ -239,15 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("sweep", type=Path, help="a sweep folder (outputs/sweep/<name>) or any folder of run folders")
     ap.add_argument("--out", type=Path, default=None, help="where to write the tables (default <sweep>/tables)")
     ap.add_argument("--paper", default=None, help="print the papers' figures beside ours: pretrain | posttrain")
-    args = ap.parse_args(argv)
-    try:
-        texts = write_tables(args.sweep, args.out, args.paper)
-    except TableError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for name, text in texts.items():
-        print(f"## {name}\n\n{text}\n")
-    return 0
+    def run(args):
+        for name, text in write_tables(args.sweep, args.out, args.paper).items():
+            print(f"## {name}\n\n{text}\n")
+    return run_tool(ap, run, argv)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from baselines.regmix import (
+from baselines.proxy_search import (
     GENERATOR_DEFAULTS,
     Regressor,
     check_generator,

@@ -47,9 +47,8 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 import re
-import tempfile
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +57,7 @@ import numpy as np
 
 from fastmix.data import SPLITS, Corpus, open_corpus, write_split
 from fastmix.errors import UserError
-from fastmix.records import building_dir, write_json
+from fastmix.records import atomic_file, building_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +107,7 @@ def embed_texts(texts: list[str], *, model: str, max_seq_length: int, batch_size
     enc = load_encoder(model, device)
     enc.max_seq_length = max_seq_length
     vecs = enc.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                      show_progress_bar=False)
+                      show_progress_bar=sys.stderr.isatty())  # a bar on a terminal, none in logs
     ids = enc.tokenizer(texts, truncation=True, max_length=max_seq_length)["input_ids"]
     ntok = np.array([len(x) for x in ids], dtype=np.int64)
     return np.asarray(vecs, dtype=np.float32), ntok
@@ -136,14 +135,8 @@ class EmbeddingCache:
     def add(self, keys: list[str], vecs: np.ndarray, ntok: np.ndarray) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha1("".join(keys).encode()).hexdigest()[:16]
-        fd, tmp = tempfile.mkstemp(prefix=".shard-", suffix=".npz", dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, keys=np.array(keys, dtype="S40"), vecs=vecs, ntok=ntok)
-            os.replace(tmp, self.folder / f"shard-{name}.npz")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(self.folder / f"shard-{name}.npz", "wb") as fh:
+            np.savez(fh, keys=np.array(keys, dtype="S40"), vecs=vecs, ntok=ntok)
         for k, v, n in zip(keys, vecs, ntok):
             self.vecs[k], self.ntok[k] = v, int(n)
 

@@ -53,7 +53,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from baselines.regmix import (
+from baselines.proxy_search import (
     Regressor,
     as_prior,
     finish_mixtures,

@@ -57,7 +57,7 @@ from fastmix.errors import UserError
 from fastmix.models import flop_params
 from fastmix.optimizer import SearchContext, SearchResult
 from fastmix.sampling import Batch
-from fastmix.train import StepInfo, Trainer, token_losses
+from fastmix.train import HookContext, StepInfo, token_losses
 
 
 def excess_loss_sums(proxy_tok: torch.Tensor, ref_tok: torch.Tensor, batch: Batch,
@@ -147,23 +147,23 @@ class DoReMiHook:
         self.pending_counts.zero_()
         return True
 
-    def __call__(self, trainer: Trainer, info: StepInfo) -> None:
+    def __call__(self, ctx: HookContext, info: StepInfo) -> None:
         if info.token_losses is None:
             raise RuntimeError("DoReMiHook needs the micro-batch's token losses: the trainer must honour "
                                "`needs_token_losses`")
         batch = info.batch
         with torch.no_grad():
-            ref_tok = token_losses(self.ref_model, batch, trainer.device, trainer.cfg.precision)
-        n_tok = batch.input_ids.shape[0] * (batch.input_ids.shape[1] - 1) * trainer.world  # all ranks' rows
-        trainer.meter.add_forward(flop_params(self.ref_model), n_tok)
+            ref_tok = token_losses(self.ref_model, batch, ctx.device, ctx.precision)
+        n_tok = batch.input_ids.shape[0] * (batch.input_ids.shape[1] - 1) * ctx.world  # all ranks' rows
+        ctx.meter.add_forward(flop_params(self.ref_model), n_tok)
         self.ref_tokens += n_tok
         self.ref_tokens_here += n_tok
-        accum = 1 if self.update_every == "micro_batch" else trainer.cfg.grad_accum
+        accum = 1 if self.update_every == "micro_batch" else ctx.grad_accum
         last_of_step = (info.micro_step + 1) % accum == 0
         if not self.observe(info.token_losses, ref_tok, batch, update=last_of_step):
             return
-        trainer.sampler.set_loss_weights(self.alpha.numpy())
-        final = info.step + 1 == trainer.total_steps
+        ctx.set_loss_weights(self.alpha.numpy())
+        final = info.step + 1 == ctx.total_steps
         if self.updates == 1 or self.updates % self.trace_every == 0 or final:
             self.trace.append({"run": "proxy", "step": info.step, "micro_step": info.micro_step,
                                "update": self.updates,

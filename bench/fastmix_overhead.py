@@ -1,15 +1,27 @@
 """FastMix's search time divided by a plain uniform proxy run of the same tokens
 (a benchmark that prints numbers, not a test). The outer step is meant to be
-cheap: the issue asks for a ratio of at most 1.2.
+cheap: the target is a ratio of at most 1.10 at the paper's T = 20.
 
     python bench/fastmix_overhead.py [--proxy tiny|regmix_1m] [--tokens N] [overrides...]
 
 Both runs use the same corpus, proxy shape, token budget, seed and thread count,
 through the one training loop: the baseline samples sources uniformly with no
 hook; FastMix samples uniformly with loss weights and takes an outer step every
-T micro-batches, T as the scale rule of conf/optimizer/fastmix.yaml picks it
-for this run (printed). Extra arguments are Hydra overrides (e.g.
-`optimizer.scale_rule=off optimizer.outer_every=20` for the paper's T = 20).
+T micro-batches. T is the paper's 20 by default (`optimizer.scale_rule=off
+optimizer.outer_every=20`); `optimizer.scale_rule=movement` measures the T a CPU
+preset's scale rule picks (1 for the demo proxy). The T used is printed.
+Extra arguments are Hydra overrides.
+
+Profile (torch.profiler, 2026-12-03, 2 threads, the paper's proxy shape: vocab
+50432, hidden 256, context 512, micro-batch 8): the outer step's time went to
+the [4096 x 50432] logits the hook built outside the fused head (forward,
+log-softmax, and autograd's copy of them: 0.8 GB each) and to one backward pass
+to the head per source with the graph retained, about 10 plain micro-batches in
+all. The head's gradient has a closed form, so the hook now runs two
+gradient-free passes (fastmix.method.head_hypergradient): G_val over the
+objective batch, then d_t . (G_val h_t) per token of the micro-batch, chunked
+inside the fused head: one extra [chunk x hidden] x [hidden x vocab] product per
+chunk. See the README for the measured ratios.
 """
 from __future__ import annotations
 
@@ -43,7 +55,8 @@ def main() -> None:
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"proxy={args.proxy}", "optimizer=fastmix", f"proxy.tokens={args.tokens}",
-                                           "progress=false", *args.overrides])
+                                           "progress=false", "optimizer.scale_rule=off", "optimizer.outer_every=20",
+                                           *args.overrides])
     threads, device = set_threads(cfg.threads), resolve_device(cfg.device)
     corpus = prepare_corpus(cfg.data)
     objective = instantiate(cfg.objective, _partial_=True)(corpus=corpus)
@@ -73,7 +86,7 @@ def main() -> None:
     for k in ("plain", "fastmix"):
         c = meter.stages[k]
         print(f"{k:10s} {times[k]:9.2f} {tokens / times[k]:10.0f} {c.flops / 1e9:14.2f}")
-    print(f"FastMix search time / plain proxy time = {times['fastmix'] / times['plain']:.3f} (target <= 1.2)")
+    print(f"FastMix search time / plain proxy time = {times['fastmix'] / times['plain']:.3f} (target <= 1.10)")
 
 
 if __name__ == "__main__":

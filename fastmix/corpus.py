@@ -77,6 +77,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastmix import mathgen
+from fastmix.records import atomic_file
 
 SOURCES = ("code", "techdocs", "drama", "reference", "math", "dialogue")
 MANIFEST = "manifest.json"
@@ -622,28 +623,9 @@ def select_documents(source: str, items: Iterable[Item], max_bytes: int) -> list
     return [text for _, text in sorted(kept)]
 
 
-# The process umask (there is no way to read it without setting it), for the
-# permissions of files made by mkstemp, which are always 0600.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + os.replace, so a reader never
-    sees a half-written file. The temp name ends in .tmp so data loaders that
-    glob *.jsonl never pick it up."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as fh:
+        fh.write(data)
 
 
 def _builder_hash() -> str:

@@ -46,6 +46,11 @@ class Cost:
     peak_memory_bytes: int = 0
     device_hours: float = 0.0  # summed as work is charged: seconds x devices / 3600
 
+    def add_train(self, n_params: int, tokens: int) -> None:
+        """The 6ND rule for a training step (forward + backward), charged here only."""
+        self.flops += 6.0 * n_params * tokens
+        self.tokens += tokens
+
     def add_time(self, seconds: float, devices: float) -> None:
         self.wall_seconds += seconds
         self.device_hours += seconds * devices / 3600
@@ -125,9 +130,7 @@ class CostMeter:
         return self.stages[self._open]
 
     def add_train(self, n_params: int, tokens: int) -> None:
-        c = self._current()
-        c.flops += 6.0 * n_params * tokens
-        c.tokens += tokens
+        self._current().add_train(n_params, tokens)
 
     def add_forward(self, n_params: int, tokens: int) -> None:
         c = self._current()

@@ -52,7 +52,9 @@ from pathlib import Path
 
 import torch
 from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, make_disjoint_window
+from tqdm.auto import tqdm
 
 from fastmix.errors import UserError
 from fastmix.models import flop_params
@@ -192,8 +194,32 @@ def _lm_eval_version() -> str:
 
 
 # ---------------------------------------------------------------- running ---
+@register_model("fastmix")
 class InMemoryLM(TemplateLM):
-    """lm-eval's model interface over an in-memory causal LM (see the module doc)."""
+    """lm-eval's model interface over an in-memory causal LM (see the module doc).
+    Registered as `fastmix` in lm-eval's model registry: once this module is imported,
+    `lm_eval.evaluator.simple_evaluate(model="fastmix", model_args="pretrained=RUN/model")`
+    scores a saved run's model exactly as the run did."""
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> InMemoryLM:
+        """`pretrained=<a run's model/ folder>[,device=cpu][,batch_size=16][,precision=fp32]`."""
+        import os
+
+        from lm_eval.utils import simple_parse_args_string
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        args = {**simple_parse_args_string(arg_string),
+                **{k: v for k, v in (additional_config or {}).items() if v is not None}}
+        path = args.get("pretrained")
+        if not path or not Path(path).is_dir():
+            raise UserError(f"model_args pretrained={path}: give a run's model/ folder (it holds the saved "
+                            f"model and tokenizer).")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        device = torch.device(args.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = AutoModelForCausalLM.from_pretrained(path).to(device)
+        bs = args.get("batch_size")
+        return cls(model, AutoTokenizer.from_pretrained(path), device,
+                   int(bs) if bs not in (None, "auto") else 16, args.get("precision", "bf16"))
 
     def __init__(self, model, tokenizer, device: torch.device, batch_size: int, precision: str):
         super().__init__()
@@ -231,7 +257,7 @@ class InMemoryLM(TemplateLM):
         (`logits_to_keep`), the bulk of the cost for small models."""
         out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-        for b in range(0, len(order), self.batch_size):
+        for b in tqdm(range(0, len(order), self.batch_size), desc="eval batches", disable=None, leave=False):
             idx = order[b:b + self.batch_size]
             inps, conts = [], []
             for i in idx:

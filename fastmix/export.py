@@ -45,6 +45,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from fastmix.cli import run_tool
 from fastmix.errors import UserError
 from fastmix.records import write_text_atomic
 
@@ -189,13 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--megatron-form", choices=MEGATRON_FORMS, default="data-path")
     p.add_argument("--seed", type=int, default=0, help="datasets: interleave seed")
     p.add_argument("--stopping-strategy", choices=STRATEGIES, default="first_exhausted")
-    args = p.parse_args(argv)
-    try:
-        export(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool(p, export, argv)
 
 
 if __name__ == "__main__":

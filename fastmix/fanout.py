@@ -20,6 +20,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from fastmix.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,8 @@ def _gather(results: Iterable[Callable[[], Any]], total: int, where: Callable[[i
     folder to fix) is raised as itself, anything else as one UnitsFailed listing
     each failed unit (with `where(i)`, e.g. its log file)."""
     out, failures = [], []
-    for i, get in enumerate(results):
+    # n of N proxy runs done; shown on a terminal only (disable=None), so sweep logs stay clean
+    for i, get in enumerate(tqdm(results, total=total, desc="proxy runs", unit="run", disable=None, leave=False)):
         try:
             out.append(get())
         except Exception as e:  # reported with the others below

@@ -38,14 +38,30 @@ def tune_malloc() -> bool:
 _BUFFERS: dict = {}
 
 
-def _buffer(rows: int, cols: int, device: torch.device) -> torch.Tensor:
-    """One reusable [rows, cols] fp32 scratch per device (kept between calls: a fresh
-    100 MB tensor per chunk costs more in page faults than the softmax itself)."""
-    key = (device.type, device.index)
+def _buffer(rows: int, cols: int, device: torch.device, slot: int = 0) -> torch.Tensor:
+    """One reusable [rows, cols] fp32 scratch per device and slot (kept between calls: a
+    fresh 100 MB tensor per chunk costs more in page faults than the softmax itself)."""
+    key = (device.type, device.index, slot)
     buf = _BUFFERS.get(key)
     if buf is None or buf.numel() < rows * cols:
         buf = _BUFFERS[key] = torch.empty(rows * cols, dtype=torch.float32, device=device)
     return buf[: rows * cols].view(rows, cols)
+
+
+def _dlogits(hc: torch.Tensor, W: torch.Tensor, tc: torch.Tensor, tok_out: torch.Tensor) -> torch.Tensor:
+    """softmax(hc W^T) - onehot(tc), the cross-entropy's gradient w.r.t. the logits, in
+    the reused buffer (valid until the next call); writes the token losses to tok_out."""
+    p = _buffer(hc.shape[0], W.shape[0], hc.device)
+    tc = tc[:, None]
+    torch.mm(hc, W.t(), out=p)                       # logits
+    xt = p.gather(1, tc).squeeze(1)                  # target logit
+    m = p.amax(1)                                    # max logit
+    torch._softmax(p, 1, False, out=p)               # in place: p = softmax
+    # softmax at the argmax is 1/sum(exp(x - m)), never underflows:
+    # logsumexp = m - log(max p), exactly, without a second pass of exps
+    tok_out.copy_(m - p.amax(1).log() - xt)
+    p.scatter_add_(1, tc, torch.full_like(xt, -1.0)[:, None])  # p - onehot
+    return p
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -57,7 +73,6 @@ class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, targets, weight, chunk):
         M, _ = h.shape
-        V = W.shape[0]
         wn = (weight / weight.sum().clamp_min(1e-12)).to(torch.float32)
         tok = torch.empty(M, dtype=torch.float32, device=h.device)
         gh = torch.empty_like(h)
@@ -66,16 +81,7 @@ class _FusedLinearCE(torch.autograd.Function):
         first = True
         for s in range(0, M, chunk):
             e = min(M, s + chunk)
-            hc, tc = h[s:e], targets[s:e, None]
-            p = _buffer(e - s, V, h.device)
-            torch.mm(hc, W.t(), out=p)                       # logits
-            xt = p.gather(1, tc).squeeze(1)                  # target logit
-            m = p.amax(1)                                    # max logit
-            torch._softmax(p, 1, False, out=p)               # in place: p = softmax
-            # softmax at the argmax is 1/sum(exp(x - m)), never underflows:
-            # logsumexp = m - log(max p), exactly, without a second pass of exps
-            tok[s:e] = m - p.amax(1).log() - xt
-            p.scatter_add_(1, tc, torch.full_like(xt, -1.0)[:, None])  # p - onehot
+            p = _dlogits(h[s:e], W, targets[s:e], tok[s:e])
             torch.mm(p, W, out=gh[s:e])
             gh[s:e].mul_(wn[s:e, None])
             if gW is not None:
@@ -114,3 +120,39 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         loss, tok = _FusedLinearCE.apply(hidden.float(), weight.float() if weight.dtype != torch.float32
                                          else weight, targets, token_weight.float(), chunk)
     return loss, tok.detach()
+
+
+@torch.no_grad()
+def head_gradient(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  token_weight: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, float]:
+    """(dL/dW, L) for L = sum_t w_t CE_t / sum_t w_t: the LM head's gradient alone,
+    sum_t (w_t / sum w) d_t h_t^T with d_t = softmax(W h_t) - onehot(y_t), chunk by
+    chunk (no [tokens, vocab] logits, no gradient w.r.t. h). FastMix's G_val."""
+    h, W = hidden.float(), weight.float()
+    wn = (token_weight / token_weight.sum().clamp_min(1e-12)).float()
+    tok = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    gW = torch.zeros_like(W)
+    for s in range(0, h.shape[0], chunk):
+        e = min(h.shape[0], s + chunk)
+        gW.addmm_(_dlogits(h[s:e], W, targets[s:e], tok[s:e]).t(), h[s:e] * wn[s:e, None])
+    return gW, float((wn * tok).sum())
+
+
+@torch.no_grad()
+def head_gradient_dots(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, G: torch.Tensor,
+                       chunk: int = 512) -> torch.Tensor:
+    """Per token t, <G, dCE_t/dW> = <G, d_t h_t^T> = d_t . (G h_t): one more
+    [chunk, hidden] x [hidden, vocab] product per chunk. Any mean of these over a set
+    of tokens is <G, the gradient of that mean loss>, so FastMix's <G_val, G_k> for
+    every source k comes from one pass over the micro-batch, with no per-source
+    backward pass and no full logits."""
+    h, W, G = hidden.float(), weight.float(), G.float()
+    out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    tok = torch.empty_like(out)
+    for s in range(0, h.shape[0], chunk):
+        e = min(h.shape[0], s + chunk)
+        p = _dlogits(h[s:e], W, targets[s:e], tok[s:e])
+        a = _buffer(e - s, W.shape[0], h.device, slot=1)
+        torch.mm(h[s:e], G.t(), out=a)               # G h_t for every token of the chunk
+        out[s:e] = a.mul_(p).sum(1)
+    return out

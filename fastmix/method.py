@@ -12,7 +12,11 @@ checked against the public code (hrtan/fastmix, pretrain/train_fastmix_val.py):
   - G_k  = d L_k / d W_head on the current micro-batch's rows of source k;
   - one-step-unrolled hypergradient (Eq. 6): dL_obj/dw_k = -lr * <G_val, G_k>
     (0 for a source absent from the micro-batch, as in the public code),
-    lr = the model's current learning rate;
+    lr = the model's current learning rate. On the LM head both gradients have a
+    closed form (sum of d_t h_t^T, d_t = softmax - one-hot), so the hook computes
+    every <G_val, G_k> in two gradient-free passes inside the fused head
+    (`head_hypergradient`; the same numbers as autograd's `hypergradient` to 1e-5,
+    tested) instead of the public code's backward pass per source;
   - softmax chain rule (Eq. 7): dL/dz_j = w_j (g_j - sum_i w_i g_i);
   - optional entropy regulariser: minimise L_obj - lambda * H(w), so lambda > 0
     keeps w spread out (see docs/DECISIONS.md for the public code's sign);
@@ -49,7 +53,9 @@ from fastmix import distributed
 from fastmix.errors import UserError
 from fastmix.models import flop_params
 from fastmix.optimizer import SearchContext, SearchResult
-from fastmix.train import StepInfo, Trainer, masked_mean, planned_steps, token_losses, weighted_loss
+from fastmix.fused_loss import head_gradient, head_gradient_dots
+from fastmix.train import (HookContext, StepInfo, last_hidden, masked_mean, planned_steps, token_losses,
+                           weighted_loss)
 
 
 def softmax_chain(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -81,17 +87,53 @@ def hypergradient(model, params: list[torch.Tensor], val_batch, info: StepInfo, 
             g_k = torch.autograd.grad(masked_mean(token_loss, info.batch, rows), params, retain_graph=True)
             inner[k] = sum(float((a.float() * b.float()).sum()) for a, b in zip(g_val, g_k))
             counted[k] = float(mask[rows].sum())
-    if distributed.world_size() > 1:
-        # Each rank holds its rows of the global micro-batch. G_k is a token mean, so the
-        # global <G_val, G_k> is the token-weighted mean of the ranks' values; the same
-        # on every rank, so w stays identical everywhere.
-        tot = distributed.all_reduce_mean(torch.stack([inner * counted, counted]))
-        inner = torch.where(tot[1] > 0, tot[0] / tot[1].clamp_min(1e-300), torch.zeros_like(inner))
+    inner = _over_ranks(inner, counted)
     return -lr * inner, inner, float(val_loss.detach())
+
+
+def _over_ranks(inner: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """Each rank holds its rows of the global micro-batch. G_k is a token mean, so the
+    global <G_val, G_k> is the token-weighted mean of the ranks' values; the same on
+    every rank, so w stays identical everywhere."""
+    if distributed.world_size() == 1:
+        return inner
+    tot = distributed.all_reduce_mean(torch.stack([inner * counted, counted]))
+    return torch.where(tot[1] > 0, tot[0] / tot[1].clamp_min(1e-300), torch.zeros_like(inner))
+
+
+@torch.no_grad()
+def head_hypergradient(model, val_batch, info: StepInfo, n_sources: int, lr: float, device,
+                       precision: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """`hypergradient` on the LM head (the paper's default), the same numbers in two
+    gradient-free passes: G_val = sum_t (w_t / sum w) d_t h_t^T over the objective
+    batch (`head_gradient`), then, on the LM head, G_k is the mean of d_t h_t^T over
+    source k's counted tokens, so <G_val, G_k> = mean over them of d_t . (G_val h_t)
+    (`head_gradient_dots`): one pass over the micro-batch for every source, no
+    per-source backward, no [tokens, vocab] logits (d_t = softmax - one-hot, h_t the
+    last hidden state). The trunk runs forward only: nothing below the head is
+    differentiated."""
+    W = model.get_output_embeddings().weight
+    h, y, w = last_hidden(model, val_batch, device, precision)
+    g_val, val_loss = head_gradient(h, W, y, w)
+    h, y, _ = last_hidden(model, info.batch, device, precision)
+    dots = head_gradient_dots(h, W, y, g_val).view(info.batch.input_ids.shape[0], -1).double()
+    mask = (torch.ones_like(dots) if info.batch.loss_mask is None
+            else info.batch.loss_mask.to(dots.device).double())
+    source = info.batch.source.to(dots.device)
+    per_row = torch.stack([(dots * mask).sum(1), mask.sum(1)], 1)
+    sums = torch.zeros(n_sources, 2, dtype=torch.float64, device=dots.device).index_add_(0, source, per_row).cpu()
+    present = torch.zeros(n_sources, dtype=torch.bool).index_fill_(0, source.cpu().unique(), True)
+    # masked_mean's denominator (counted tokens, at least 1); a source absent from the
+    # micro-batch keeps 0 (public code)
+    inner = torch.where(present, sums[:, 0] / sums[:, 1].clamp_min(1.0), torch.zeros(n_sources, dtype=torch.float64))
+    inner = _over_ranks(inner, torch.where(present, sums[:, 1], torch.zeros_like(sums[:, 1])))
+    return -lr * inner, inner, val_loss
 
 
 class FastMixHook:
     """The outer step, called by the one training loop every T micro-batches."""
+
+    needs_token_losses = False  # runs before the micro-batch's forward
 
     def __init__(self, names: list[str], objective, z0: torch.Tensor, lr: float, betas, entropy_reg: float,
                  grad_params: str, val_batch_size: int, seed: int, val_batch: str = "fixed",
@@ -114,32 +156,36 @@ class FastMixHook:
             return [model.get_output_embeddings().weight]
         return [p for p in model.parameters() if p.requires_grad]
 
-    def __call__(self, trainer: Trainer, info: StepInfo) -> None:
+    def __call__(self, ctx: HookContext, info: StepInfo) -> None:
         if info.micro_step == 0:
             return  # public code: no outer step before the first inner step
-        model = trainer.model
+        model = ctx.model
         params = self._params(model)
         context = model.config.max_position_embeddings
         vb = (self.objective.fixed_batch(self.val_rows_per_group, context) if self.val_batch == "fixed" else
               self.objective.sample_batch(self.rng, self.val_batch_size, context))
-        lr = trainer.scheduler.get_last_lr()[0]
-        g, inner, val_loss = hypergradient(model, params, vb, info, len(self.names), lr, trainer.device,
-                                           trainer.cfg.precision)
+        lr = ctx.lr
+        fused = self.grad_params == "lm_head" and model.get_input_embeddings().weight is not params[0]
+        # a tied head's gradient also flows through the input embedding: autograd then
+        g, inner, val_loss = (head_hypergradient(model, vb, info, len(self.names), lr, ctx.device,
+                                                 ctx.precision) if fused else
+                              hypergradient(model, params, vb, info, len(self.names), lr, ctx.device,
+                                            ctx.precision))
         w = self.weights
         dz = softmax_chain(w, g) - self.entropy_reg * entropy_grad(w)
         self.opt.zero_grad()
         self.z.grad = dz
         self.opt.step()
-        trainer.sampler.set_loss_weights(self.weights.numpy())
+        ctx.set_loss_weights(self.weights.numpy())
         # Cost of the outer step: forwards of the objective batch and the micro-batch,
         # and the gradient passes to `params` (forward-sized work on those parameters).
         n_grad = sum(p.numel() for p in params)
         # The objective batch is the same on every rank (counted once); the micro-batch's
         # rows are split over the ranks (counted for all of them).
         val_tokens = vb.input_ids.shape[0] * (vb.input_ids.shape[1] - 1)
-        batch_tokens = info.batch.input_ids.shape[0] * (info.batch.input_ids.shape[1] - 1) * trainer.world
-        trainer.meter.add_forward(flop_params(model), val_tokens + batch_tokens)
-        trainer.meter.add_forward(n_grad, val_tokens + batch_tokens)
+        batch_tokens = info.batch.input_ids.shape[0] * (info.batch.input_ids.shape[1] - 1) * ctx.world
+        ctx.meter.add_forward(flop_params(model), val_tokens + batch_tokens)
+        ctx.meter.add_forward(n_grad, val_tokens + batch_tokens)
         self.trace.append({"step": info.step, "micro_step": info.micro_step, "objective_loss": val_loss,
                            "inner_products": dict(zip(self.names, inner.tolist())),
                            "hypergradient": dict(zip(self.names, g.tolist())),
@@ -186,6 +232,12 @@ class FastMix:
             raise UserError(f"optimizer.init '{init}' is unknown: use uniform or prior.")
         if outer_every < 1:
             raise UserError(f"optimizer.outer_every must be >= 1, got {outer_every}.")
+        if not (math.isfinite(lr) and lr > 0):
+            raise UserError(f"optimizer.lr={lr} is not allowed: must be a finite number > 0.")
+        if not (math.isfinite(entropy_reg) and entropy_reg >= 0):
+            raise UserError(f"optimizer.entropy_reg={entropy_reg} is not allowed: must be a finite number >= 0.")
+        if min(val_rows_per_group, val_batch_size, reference_outer_steps) < 1:
+            raise UserError("optimizer.val_rows_per_group, val_batch_size and reference_outer_steps must be >= 1.")
         self.outer_every, self.lr, self.betas, self.entropy_reg = outer_every, lr, betas, entropy_reg
         self.grad_params, self.init, self.val_batch_size = grad_params, init, val_batch_size
         self.val_batch, self.val_rows_per_group = val_batch, val_rows_per_group

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 
 from fastmix.cost import CostMeter
 from fastmix.data import Corpus
@@ -90,8 +89,3 @@ class MixtureOptimizer(Protocol):
     # Optional: regroup the sources before the search (CLIMB's clustering stage);
     # the search and the target model then use the returned corpus.
     def prepare_corpus(self, corpus: Corpus, cfg: Any) -> Corpus: ...
-
-
-def normalise(v: np.ndarray) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64)
-    return v / v.sum()

@@ -22,8 +22,9 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from submitit.helpers import Checkpointable
 
-from fastmix import distributed, records
+from fastmix import distributed, records, schema
 from fastmix.cost import Cost, CostMeter
 from fastmix.data import Corpus, prepare_corpus
 from fastmix.errors import UserError
@@ -109,12 +110,15 @@ def unit_lock(out: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-class ProxyUnit:
+class ProxyUnit(Checkpointable):
     """One proxy run as a resumable unit: train a proxy on `weights` through the one
     loop, score it on the objective, write `record.json` (mixture, objective,
     cost) and drop the checkpoint. A finished unit returns its record without
     training. Picklable (the job config travels as a plain dict), so it runs the
-    same in this process, in a worker process or as a SLURM array task."""
+    same in this process, in a worker process or as a SLURM array task. A Submitit
+    `Checkpointable`: a task that times out or is preempted is requeued with the
+    same job, and the loop resumes from the unit's checkpoint.pt (the default
+    `checkpoint` method resubmits `self(job)`: the state that matters is on disk)."""
 
     def __init__(self, cfg: dict, threads: int | None = None):
         self.cfg, self.threads = cfg, threads
@@ -258,6 +262,7 @@ def run_search(cfg: DictConfig, optimizer, corpus: Corpus, objective, meter: Cos
 
 def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
+    schema.check(cfg)  # a bad value stops here, before any work
     threads = set_threads(cfg.threads)
     distributed.init()  # before the device (cuda:LOCAL_RANK) and the meter (devices x ranks)
     device = resolve_device(cfg.device)

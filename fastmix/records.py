@@ -16,19 +16,36 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+# the process umask (it cannot be read without setting it), for the permissions of
+# files made by mkstemp, which are always 0600
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextmanager
+def atomic_file(path: Path, mode: str = "w"):
+    """The one atomic writer: yield a file open on a temporary name in the same folder
+    (.<name>.*.tmp, so loaders that glob *.jsonl or *.npz never pick it up); on
+    success flush, fsync and rename it to `path`, on error remove it. Text, JSON,
+    checkpoints (torch.save), corpus files and embedding shards all go through it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_file(path) as fh:
+        fh.write(text)
 
 
 @contextmanager

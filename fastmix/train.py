@@ -30,14 +30,16 @@ alone writes metrics.jsonl and checkpoint.pt.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -46,7 +48,10 @@ from fastmix import distributed
 from fastmix.cost import Cost, CostMeter
 from fastmix.fused_loss import fused_linear_cross_entropy, tune_malloc
 from fastmix.models import flop_params
+from fastmix.records import atomic_file, write_text_atomic
 from fastmix.sampling import Batch, MixtureSampler
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,8 +91,30 @@ class StepInfo:
     token_losses: torch.Tensor | None = None
 
 
+@dataclass
+class HookContext:
+    """What a hook may use of the trainer, and no more."""
+    model: torch.nn.Module
+    device: torch.device
+    precision: str
+    lr: float  # the model's current learning rate
+    world: int  # data-parallel ranks
+    grad_accum: int
+    total_steps: int
+    meter: CostMeter  # charge the hook's own work here
+    set_loss_weights: Callable[[np.ndarray], None]  # the sampler's per-source loss weights
+
+
 class Hook(Protocol):
-    def __call__(self, trainer: Trainer, info: StepInfo) -> None: ...
+    """A method's hook into the one loop (FastMix's outer step, DoReMi's update)."""
+    # True: called after the forward, with the micro-batch's token losses; False: before it
+    needs_token_losses: bool
+
+    def __call__(self, ctx: HookContext, info: StepInfo) -> None: ...
+
+    def state_dict(self) -> dict: ...  # checkpointed with the model
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def token_losses(model, batch: Batch, device, precision: str) -> torch.Tensor:
@@ -99,6 +126,19 @@ def token_losses(model, batch: Batch, device, precision: str) -> torch.Tensor:
     B, T, V = logits.shape
     return F.cross_entropy(logits.reshape(B * T, V).float(), ids[:, 1:].reshape(-1),
                            reduction="none").view(B, T)
+
+
+def last_hidden(model, batch: Batch, device, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The input of the LM head for the fused loss: ([B*T, H] final-norm hidden states,
+    [B*T] targets, [B*T] token weights = the row's loss weight x the loss mask)."""
+    ids = batch.input_ids.to(device, non_blocking=True)
+    with autocast(device, precision):
+        h = model.model(input_ids=ids[:, :-1]).last_hidden_state
+    B, T, H = h.shape
+    w = batch.weight.to(device)[:, None].expand(B, T)
+    if batch.loss_mask is not None:
+        w = w * batch.loss_mask.to(device)
+    return h.reshape(B * T, H), ids[:, 1:].reshape(-1), w.reshape(-1)
 
 
 def weighted_loss(tok_loss: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -154,9 +194,8 @@ def planned_steps(cfg, world: int = 1, context: int | None = None) -> int:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 class Trainer:
@@ -202,14 +241,14 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
                 "step": self.step, "micro_step": self.micro_step, "cost": self.cost.to_dict(),
                 "torch_rng": torch.get_rng_state(),
-                "hook": self.hook.state_dict() if hasattr(self.hook, "state_dict") else None}
+                "hook": self.hook.state_dict() if self.hook is not None else None}
 
     def save_checkpoint(self) -> None:
         if distributed.is_main():  # every rank holds the same state
             _atomic_save(self.state_dict(), self.ckpt_path)
 
     def _resume(self) -> None:
-        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -225,9 +264,7 @@ class Trainer:
         if distributed.is_main() and self.metrics_path.exists():
             rows = [r for r in self.metrics_path.read_text().splitlines() if r.strip()]
             kept = [r for r in rows if json.loads(r)["step"] <= self.step]
-            tmp = self.metrics_path.with_suffix(".tmp")
-            tmp.write_text("".join(r + "\n" for r in kept))
-            os.replace(tmp, self.metrics_path)
+            write_text_atomic(self.metrics_path, "".join(r + "\n" for r in kept))
 
     # ------------------------------------------------------------------ loop
     def micro_batch_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,16 +274,9 @@ class Trainer:
         if not self.cfg.get("fused_loss", True):
             tok = token_losses(self.model, batch, self.device, self.cfg.precision)
             return weighted_loss(tok, batch), tok.detach()
-        ids = batch.input_ids.to(self.device, non_blocking=True)
-        with autocast(self.device, self.cfg.precision):
-            h = self.model.model(input_ids=ids[:, :-1]).last_hidden_state
-        B, T, H = h.shape
-        w = batch.weight.to(self.device)[:, None].expand(B, T)
-        if batch.loss_mask is not None:
-            w = w * batch.loss_mask.to(self.device)
-        loss, tok = fused_linear_cross_entropy(h.reshape(B * T, H), self.model.get_output_embeddings().weight,
-                                               ids[:, 1:].reshape(-1), w.reshape(-1))
-        return loss, tok.view(B, T)
+        h, targets, w = last_hidden(self.model, batch, self.device, self.cfg.precision)
+        loss, tok = fused_linear_cross_entropy(h, self.model.get_output_embeddings().weight, targets, w)
+        return loss, tok.view(batch.input_ids.shape[0], -1)
 
     def train(self, stop_after: int | None = None) -> dict:
         """Run to the end (or `stop_after` optimizer steps, for tests of resuming);
@@ -256,82 +286,103 @@ class Trainer:
         if self.ckpt_path.exists():
             self._resume()
         self.model.train()
-        accum, last = self.cfg.grad_accum, {}
-        names = self.sampler.names
-        mine = slice(self.rank * self.cfg.batch_size, (self.rank + 1) * self.cfg.batch_size)
-        t0 = time.perf_counter()
+        last: dict = {}
+        self._t0 = time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, disable=not self.progress,
                    leave=False)
-        with open(self.metrics_path, "a") if distributed.is_main() else nullcontext() as log:
+        with open(self.metrics_path, "a") if distributed.is_main() else nullcontext() as metrics:
             while self.step < self.total_steps:
-                loss_sum, src_stats = 0.0, []
                 # per-source losses are only needed for a step that is logged
                 logged = (self.step + 1) % self.cfg.log_every == 0 or self.step + 1 == self.total_steps
-                for _ in range(accum):
-                    full = self.sampler.next_batch()
-                    batch = full if self.world == 1 else full.rows(mine)
-                    call_hook = self.hook is not None and self.micro_step % self.hook_every == 0
-                    if call_hook and getattr(self.hook, "needs_token_losses", False):
-                        # After the forward, before the backward: the method reads this
-                        # micro-batch's token losses (DoReMi's excess losses), changes the
-                        # loss weights, and the same forward is weighted with the new ones.
-                        tok = token_losses(self.model, batch, self.device, self.cfg.precision)
-                        self.hook(self, StepInfo(self.step, self.micro_step, batch, tok.detach()))
-                        batch.weight = self.sampler.weights_of(batch.source)
-                        loss, tok_loss = weighted_loss(tok, batch), tok.detach()
-                    else:
-                        if call_hook:
-                            # Before this micro-batch is trained on: the method may look at it
-                            # (FastMix's per-source gradients), change the loss weights, and
-                            # this micro-batch already trains with the new ones.
-                            self.hook(self, StepInfo(self.step, self.micro_step, batch))
-                            batch.weight = self.sampler.weights_of(batch.source)
-                        loss, tok_loss = self.micro_batch_loss(batch)
-                    if self.world > 1:
-                        # The rank's loss is normalised by its own rows' weight sum; rescale it to
-                        # the global micro-batch's, so the mean over ranks (of losses and of
-                        # gradients) is one process's weighted mean, whatever weights or masks
-                        # each rank's rows carry. Exactly 1 for plain sampling without masks.
-                        full_norm = loss_normaliser(full, self.sampler.weights_of(full.source))
-                        loss = loss * (self.world * loss_normaliser(batch, batch.weight) / max(full_norm, 1e-12))
-                    (loss / accum).backward()
-                    loss_sum += float(loss.detach()) / accum
-                    self.micro_step += 1
-                    if logged:
-                        src_stats.append(source_stats(tok_loss, batch, len(names)))
-                distributed.average_gradients(self.model.parameters())  # no-op for one process
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                self.step += 1
-                self.meter.add_train(self.n_params, self.tokens_per_step)
-                self.cost.flops += 6.0 * self.n_params * self.tokens_per_step
-                self.cost.tokens += self.tokens_per_step
+                results = [self._micro_batch(logged) for _ in range(self.cfg.grad_accum)]
+                grad_norm = self._optimizer_step()
                 bar.update(1)
                 if logged:
-                    # over all ranks: the global micro-batches' loss and per-source losses
-                    loss_sum = float(distributed.all_reduce_mean(torch.tensor(loss_sum, dtype=torch.float64)))
-                    stats = distributed.all_reduce_mean(torch.stack(src_stats))  # [accum, K, 3]
-                    source_loss = {}
-                    for k, n in enumerate(names):  # mean over the micro-batches that drew source k
-                        seen = stats[:, k, 2] > 0
-                        if seen.any():
-                            source_loss[n] = float((stats[seen, k, 0] / stats[seen, k, 1].clamp_min(1e-12)).mean())
-                    last = {"step": self.step, "tokens": self.step * self.tokens_per_step,
-                            "loss": loss_sum, "grad_norm": float(grad_norm),
-                            "lr": self.scheduler.get_last_lr()[0], "source_loss": source_loss}
-                    if log is not None:
-                        log.write(json.dumps(last) + "\n")
-                        log.flush()
-                    bar.set_postfix(loss=f"{loss_sum:.3f}")
+                    last = self._log(results, grad_norm, metrics)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}")
                 if self.step % self.cfg.ckpt_every == 0 or self.step == self.total_steps:
-                    now = time.perf_counter()
-                    self.cost.add_time(now - t0, self.meter.devices)
-                    t0 = now
-                    self.save_checkpoint()
+                    self._checkpoint()
                 if stop_after is not None and self.step >= stop_after:
                     break
         bar.close()
         distributed.barrier()  # rank 0's checkpoint is on disk before any rank reads the folder
         return last
+
+    def hook_context(self) -> HookContext:
+        return HookContext(self.model, self.device, self.cfg.precision, self.scheduler.get_last_lr()[0],
+                           self.world, self.cfg.grad_accum, self.total_steps, self.meter,
+                           self.sampler.set_loss_weights)
+
+    def _micro_batch(self, logged: bool) -> tuple[float, torch.Tensor | None]:
+        """Draw a micro-batch, call the hook when due, forward, backward. Returns
+        (its loss, its [K, 3] per-source sums when the step is logged)."""
+        full = self.sampler.next_batch()
+        batch = full if self.world == 1 else full.rows(slice(self.rank * self.cfg.batch_size,
+                                                             (self.rank + 1) * self.cfg.batch_size))
+        call_hook = self.hook is not None and self.micro_step % self.hook_every == 0
+        if call_hook and self.hook.needs_token_losses:
+            # After the forward, before the backward: the method reads this micro-batch's
+            # token losses (DoReMi's excess losses), changes the loss weights, and the
+            # same forward is weighted with the new ones.
+            tok = token_losses(self.model, batch, self.device, self.cfg.precision)
+            self.hook(self.hook_context(), StepInfo(self.step, self.micro_step, batch, tok.detach()))
+            batch.weight = self.sampler.weights_of(batch.source)
+            loss, tok_loss = weighted_loss(tok, batch), tok.detach()
+        else:
+            if call_hook:
+                # Before this micro-batch is trained on: the method may look at it (FastMix's
+                # per-source gradients), change the loss weights, and this micro-batch
+                # already trains with the new ones.
+                self.hook(self.hook_context(), StepInfo(self.step, self.micro_step, batch))
+                batch.weight = self.sampler.weights_of(batch.source)
+            loss, tok_loss = self.micro_batch_loss(batch)
+        if self.world > 1:
+            # The rank's loss is normalised by its own rows' weight sum; rescale it to the
+            # global micro-batch's, so the mean over ranks (of losses and of gradients) is
+            # one process's weighted mean, whatever weights or masks each rank's rows
+            # carry. Exactly 1 for plain sampling without masks.
+            full_norm = loss_normaliser(full, self.sampler.weights_of(full.source))
+            loss = loss * (self.world * loss_normaliser(batch, batch.weight) / max(full_norm, 1e-12))
+        (loss / self.cfg.grad_accum).backward()
+        self.micro_step += 1
+        stats = source_stats(tok_loss, batch, len(self.sampler.names)) if logged else None
+        return float(loss.detach()), stats
+
+    def _optimizer_step(self) -> float:
+        """Average over ranks, clip, AdamW, schedule; charge the step (6ND, once)."""
+        distributed.average_gradients(self.model.parameters())  # no-op for one process
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        step_cost = Cost(device=self.meter.device_name, devices=self.meter.devices)
+        step_cost.add_train(self.n_params, self.tokens_per_step)
+        self.meter.add(step_cost)  # the open stage
+        self.cost += step_cost  # this run's own, kept across resumes
+        return float(grad_norm)
+
+    def _log(self, results: list[tuple[float, torch.Tensor | None]], grad_norm: float, metrics) -> dict:
+        """Over all ranks: the step's loss and per-source losses, to metrics.jsonl and run.log."""
+        loss = sum(r[0] for r in results) / len(results)
+        loss = float(distributed.all_reduce_mean(torch.tensor(loss, dtype=torch.float64)))
+        stats = distributed.all_reduce_mean(torch.stack([r[1] for r in results]))  # [accum, K, 3]
+        source_loss = {}
+        for k, n in enumerate(self.sampler.names):  # mean over the micro-batches that drew source k
+            seen = stats[:, k, 2] > 0
+            if seen.any():
+                source_loss[n] = float((stats[seen, k, 0] / stats[seen, k, 1].clamp_min(1e-12)).mean())
+        last = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": loss,
+                "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "source_loss": source_loss}
+        if metrics is not None:
+            metrics.write(json.dumps(last) + "\n")
+            metrics.flush()
+            # run.log holds them too (sweeps and proxies run without progress bars)
+            log.info("%s step %d/%d loss %.4f lr %.3g", self.desc, self.step, self.total_steps, loss, last["lr"])
+        return last
+
+    def _checkpoint(self) -> None:
+        now = time.perf_counter()
+        self.cost.add_time(now - self._t0, self.meter.devices)
+        self._t0 = now
+        self.save_checkpoint()

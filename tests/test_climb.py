@@ -9,7 +9,7 @@ import pytest
 from test_regmix import OPT, SRC, build, fake_ctx
 
 from baselines.climb import Climb, Standardised, select_candidates
-from baselines.regmix import Regressor
+from baselines.proxy_search import Regressor
 from fastmix.errors import UserError
 
 SHALLOW = dict(boosting_type="gbdt", objective="regression", n_estimators=300, learning_rate=0.03,

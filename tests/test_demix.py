@@ -118,7 +118,7 @@ def test_generator_caps_on_the_untempered_prior_and_rounds_to_the_grid():
     assert x[:, 0].max() == pytest.approx(0.2) and len(np.unique(x, axis=0)) == 500
     assert np.allclose(x / 2e-4, np.round(x / 2e-4), atol=1e-6)  # K=2: the grid sums to 1 already
     small = np.array([[0.0001, 0.4999, 0.5], [0.12345, 0.5, 0.37655]])
-    from baselines.regmix import finish_mixtures  # the shared post-processing sample.py also does
+    from baselines.proxy_search import finish_mixtures  # the shared post-processing sample.py also does
     assert finish_mixtures(small, 2e-4) == pytest.approx(np.array([[0, 0.5, 0.5], [0.1234, 0.5, 0.3766]]))
 
 

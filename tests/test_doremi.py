@@ -134,7 +134,13 @@ class LossDependentWeights:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, trainer, info):
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def __call__(self, ctx, info):
         tl = info.token_losses
         assert tl is not None and not tl.requires_grad and tl.shape == (8, 32)
         src = info.batch.source
@@ -143,7 +149,7 @@ class LossDependentWeights:
         w[int(means.argmax())] = 0.8
         self.calls.append((info.batch.input_ids.clone(), info.batch.source.clone(), tl.clone(),
                            info.batch.weight.clone(), w))
-        trainer.sampler.set_loss_weights(w.numpy())
+        ctx.set_loss_weights(w.numpy())
 
 
 def test_hook_after_forward_backprops_the_new_weights(tmp_path):
@@ -177,14 +183,30 @@ def test_hook_after_forward_backprops_the_new_weights(tmp_path):
     assert float((stale[head] - expected[head]).norm()) > 0.05 * float(expected[head].norm())
 
 
+class _Plain:
+    needs_token_losses = False
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, ctx, info):
+        self.seen.append(info.token_losses)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def test_plain_hook_sees_no_token_losses(tmp_path):
-    seen = []
+    hook = _Plain()
     meter = CostMeter(torch.device("cpu"))
     with meter.stage("s"):
         Trainer(build_model(SHAPE, V, seed=0), MixtureSampler(arrays(), 32, 8, seed=3),
                 cfg(tokens=2 * 8 * 32), torch.device("cpu"), meter, tmp_path,
-                hook=lambda tr, info: seen.append(info.token_losses), progress=False).train()
-    assert seen == [None, None]
+                hook=hook, progress=False).train()
+    assert hook.seen == [None, None]
 
 
 # --------------------------------------------------- behaviour and resuming

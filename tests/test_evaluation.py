@@ -288,6 +288,28 @@ def test_adapter_scores_equal_a_plain_forward_pass(corpus):
     assert rolled == pytest.approx(plain(long, [tok.eos_token_id] + ids, len(ids)), abs=1e-4)  # one window
 
 
+def test_adapter_is_registered_with_lm_eval(corpus, tmp_path):
+    """lm-eval finds the adapter by name: get_model("fastmix") builds it from a saved
+    model folder, and it scores as the in-memory one; a bad folder is one message."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    from fastmix.evaluation import InMemoryLM
+    model = new_model(corpus, {**RANDOM, "context": 32}, seed=4).eval()
+    model.save_pretrained(tmp_path / "model")
+    corpus.tokenizer.save_pretrained(tmp_path / "model")
+    loaded = get_model("fastmix").create_from_arg_string(f"pretrained={tmp_path / 'model'},device=cpu,"
+                                                         f"batch_size=2,precision=fp32")
+    here = InMemoryLM(model, corpus.tokenizer, torch.device("cpu"), 2, "fp32")
+    reqs = [Instance("loglikelihood", {}, ("The capital of", " France"), 0),
+            Instance("loglikelihood", {}, ("", "def f(x):"), 1)]
+    got, want = loaded.loglikelihood(reqs), here.loglikelihood(reqs)
+    assert [g for _, g in got] == [g for _, g in want]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], abs=1e-5)
+    with pytest.raises(UserError, match="pretrained=.*model/ folder"):
+        get_model("fastmix").create_from_arg_string(f"pretrained={tmp_path / 'nope'}")
+
+
 def test_random_model_scores_at_chance(corpus, suite):
     model = new_model(corpus, RANDOM)
     before = [p.detach().clone() for p in model.parameters()]

@@ -140,3 +140,37 @@ def test_keep_model_and_continue_from_it(setup, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert cont["objective"] == pytest.approx(base["objective"], rel=1e-5)
     assert cont["cost"]["tokens"] < base["cost"]["tokens"]  # the continuation's own, smaller budget
+
+
+def test_preempted_proxy_task_is_requeued_and_resumes(setup, tmp_path):
+    """A proxy task sent through Submitit (its local executor) and interrupted as SLURM
+    does before a time limit (USR2): Submitit calls ProxyUnit.checkpoint, requeues the
+    task, and the loop resumes from checkpoint.pt; the record equals an uncut run's."""
+    import time
+
+    import submitit
+    from omegaconf import OmegaConf
+    cfg, corpus, objective = setup("proxy.tokens=400000", "proxy.ckpt_every=10")
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    w = mixtures(corpus.sources, 1)[0]
+    ref = pipeline.ProxyUnit(plain, threads=1)(pipeline.ProxyJob(0, "ref", w, str(tmp_path / "ref"), seed=0))
+    ex = submitit.AutoExecutor(folder=str(tmp_path / "submitit"), cluster="local")
+    ex.update_parameters(timeout_min=10, cpus_per_task=1)
+    out = tmp_path / "cut"
+    job = ex.submit(pipeline.ProxyUnit(plain, threads=1), pipeline.ProxyJob(0, "cut", w, str(out), seed=0))
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert (out / "checkpoint.pt").exists(), job.stderr()
+    steps_before = len((out / "metrics.jsonl").read_text().splitlines())
+    # the signal SLURM sends before the time limit, to the task (the child of Submitit's
+    # local controller; LocalJob._interrupt signals the controller, which does not forward it)
+    import signal
+    ctl = job._process.pid
+    (task,) = open(f"/proc/{ctl}/task/{ctl}/children").read().split()
+    os.kill(int(task), signal.SIGUSR2)
+    rec = job.result()
+    log = (job.stdout() or "") + (job.stderr() or "")
+    assert "checkpoint" in log.lower() and "requeu" in log.lower(), log[-3000:]
+    assert steps_before > 0 and not (out / "checkpoint.pt").exists()
+    assert rec["objective"] == ref["objective"] and rec["cost"]["tokens"] == ref["cost"]["tokens"]

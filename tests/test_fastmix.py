@@ -8,7 +8,8 @@ import torch
 from conftest import run_cli
 from torch.func import functional_call
 
-from fastmix.method import FastMix, FastMixHook, entropy_grad, hypergradient, movement_schedule, softmax_chain
+from fastmix.method import (FastMix, FastMixHook, entropy_grad, head_hypergradient, hypergradient, movement_schedule,
+                            softmax_chain)
 from fastmix.models import build_model
 from fastmix.sampling import Batch, MixtureSampler
 from fastmix.train import StepInfo, masked_mean, token_losses
@@ -62,6 +63,32 @@ def test_hypergradient_matches_autograd_through_one_head_step(lr):
     assert est[0] < 0 and est[0] == est.min()  # the objective's own source helps it most
 
 
+@pytest.mark.parametrize("case", ["plain", "masked", "absent source", "weighted objective rows"])
+def test_fused_head_hypergradient_is_the_autograd_one(case):
+    """The fast LM-head path (two gradient-free passes, no per-source backward) gives
+    the autograd formula's numbers to 1e-5 relative: with loss masks, with a source
+    missing from the micro-batch (its entry stays 0) and with weighted objective rows."""
+    model, batch, val_batch = setup_case(seed=3)
+    g = torch.Generator().manual_seed(0)
+    if case == "masked":
+        batch.loss_mask = (torch.rand(batch.input_ids.shape[0], CTX, generator=g) > 0.3).float()
+        batch.loss_mask[0] = 0  # a row with nothing counted
+    if case == "absent source":
+        keep = batch.source != 1
+        batch = Batch(batch.input_ids[keep], batch.source[keep], batch.weight[keep])
+    if case == "weighted objective rows":
+        val_batch.weight = torch.rand(len(val_batch.weight), generator=g) + 0.1
+        val_batch.loss_mask = (torch.rand(len(val_batch.weight), CTX, generator=g) > 0.5).float()
+    head = model.get_output_embeddings().weight
+    info = StepInfo(0, 1, batch)
+    ref, ref_inner, ref_loss = hypergradient(model, [head], val_batch, info, 3, 0.05, "cpu", "fp32")
+    est, inner, loss = head_hypergradient(model, val_batch, info, 3, 0.05, "cpu", "fp32")
+    assert torch.allclose(est, ref, rtol=1e-5, atol=1e-12 * float(ref.abs().max())), (est, ref)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    if case == "absent source":
+        assert inner[1] == 0 and ref_inner[1] == 0 and (inner[[0, 2]] != 0).all()
+
+
 def test_hypergradient_all_params_matches_finite_differences():
     """With grad_params=all, Eq. 6 predicts the change of the objective loss after
     one explicit SGD step on every parameter (central finite differences in w_k)."""
@@ -100,6 +127,9 @@ def test_bad_options_are_refused():
         FastMix(grad_params="everything")
     with pytest.raises(UserError, match="init"):
         FastMix(init="random")
+    for bad in (float("nan"), -1.0, 0.0):
+        with pytest.raises(UserError, match="optimizer.lr="):
+            FastMix(lr=bad)
 
 
 def test_search_favours_the_objective_source(smoke_args, tmp_path):
@@ -119,16 +149,16 @@ def test_search_favours_the_objective_source(smoke_args, tmp_path):
 
 
 class _Recorder:
-    """The parts of the trainer the hook touches, recording what it is given."""
+    """A HookContext whose meter and sampler record what the hook gives them."""
 
     def __init__(self, model, lr):
         from types import SimpleNamespace
-        self.model, self.device, self.world = model, "cpu", 1
-        self.scheduler = SimpleNamespace(get_last_lr=lambda: [lr])
-        self.cfg = SimpleNamespace(precision="bf16")
+
+        from fastmix.train import HookContext
         self.loss_weights, self.forward_flops = None, []
-        self.sampler = SimpleNamespace(set_loss_weights=lambda w: setattr(self, "loss_weights", w))
-        self.meter = SimpleNamespace(add_forward=lambda n, t: self.forward_flops.append((n, t)))
+        self.ctx = HookContext(model, "cpu", "bf16", lr, world=1, grad_accum=1, total_steps=1,
+                               meter=SimpleNamespace(add_forward=lambda n, t: self.forward_flops.append((n, t))),
+                               set_loss_weights=lambda w: setattr(self, "loss_weights", w))
 
 
 class _FixedObjective:
@@ -165,7 +195,7 @@ def test_hook_against_independent_code():
                        "lm_head", 16, seed=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = _Recorder(model, lr_model)
-    hook(trainer, StepInfo(0, 20, batch))
+    hook(trainer.ctx, StepInfo(0, 20, batch))
     assert torch.allclose(hook.z.detach(), z1, rtol=1e-5, atol=1e-9), (hook.z, z1)
     traced = torch.tensor(list(hook.trace[-1]["hypergradient"].values()), dtype=torch.float64)
     assert torch.allclose(traced, g, rtol=1e-4)  # -lr x <G_val, G_k> at the model's current lr
@@ -202,3 +232,36 @@ def test_paper_preset_is_the_reference_shape():
     demo = compose(["experiment=demo", "optimizer=fastmix"])
     T, lr_z, n = FastMix().schedule(demo.proxy)
     assert T == 1 and lr_z * n == pytest.approx(16.01)
+
+
+def test_killed_and_resumed_search_ends_with_the_same_weights(tmp_path):
+    """The hook's state (z, its AdamW, the RNG, the trace) goes through the checkpoint,
+    which loads with torch.load(weights_only=True): a run cut after step 5
+    (checkpoint at 3) and resumed with a fresh hook ends where an uncut one does."""
+    from omegaconf import OmegaConf
+
+    from fastmix.cost import CostMeter
+    from fastmix.train import Trainer
+    g = np.random.default_rng(0)
+    src = {"a": g.choice(V // 2, size=3000).astype(np.uint16), "b": (np.arange(3000) % 11 + 30).astype(np.uint16),
+           "c": g.integers(0, V, 3000).astype(np.uint16)}
+    _, _, val_batch = setup_case(seed=5)
+    cfg = OmegaConf.create(dict(tokens=6 * 2 * 8 * CTX, batch_size=8, grad_accum=2, lr=3e-3, warmup_steps=2,
+                                schedule="constant", min_lr_ratio=0.1, weight_decay=0.1, betas=[0.9, 0.95],
+                                grad_clip=1.0, precision="bf16", log_every=2, ckpt_every=3))
+
+    def run(out, stop_after=None):
+        hook = FastMixHook(["a", "b", "c"], _FixedObjective(val_batch), torch.zeros(3), 0.05, (0.9, 0.95), 0.0,
+                           "lm_head", 16, seed=0)
+        model = build_model({"layers": 1, "hidden": 24, "ffn": 48, "heads": 2, "context": CTX}, V, seed=1)
+        sampler = MixtureSampler(src, CTX, 8, seed=3, loss_weights={n: 1 / 3 for n in src})
+        meter = CostMeter(torch.device("cpu"))
+        with meter.stage("search"):
+            Trainer(model, sampler, cfg, torch.device("cpu"), meter, out, hook=hook,
+                    progress=False).train(stop_after=stop_after)
+        return hook
+    full = run(tmp_path / "full")
+    run(tmp_path / "cut", stop_after=5)
+    resumed = run(tmp_path / "cut")
+    assert len(full.trace) == 11 and resumed.trace == full.trace
+    assert torch.equal(full.z.detach(), resumed.z.detach())

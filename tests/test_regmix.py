@@ -12,16 +12,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from baselines.regmix import (
-    RegMix,
-    Regressor,
-    dirichlet_mixtures,
-    finish_mixtures,
-    main,
-    strengths,
-    temper,
-    usage_bound,
-)
+from baselines.proxy_search import Regressor, dirichlet_mixtures, finish_mixtures, strengths, temper, usage_bound
+from baselines.regmix import RegMix
+from baselines.regmix_replay import main
 from fastmix.errors import UserError
 
 SRC = ["a", "b", "c", "d"]
@@ -236,5 +229,5 @@ def test_cli_bad_input_fails_cleanly(tmp_path, capsys, case, msg):
     out = tmp_path / "out.json"
     assert cli(*args, out, *extra) == 2
     err = capsys.readouterr().err
-    assert err.startswith("regmix: error:") and msg in err and err.count("\n") == 1
+    assert err.startswith("error:") and msg in err and err.count("\n") == 1
     assert not out.exists() and not list(tmp_path.glob(".out.json*"))

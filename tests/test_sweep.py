@@ -1,6 +1,7 @@
 """Sweeps through Hydra launchers, the end-of-sweep summary, the tables, plots
 and notebooks built from run folders, and the paper experiments' configs."""
 import json
+import re
 import math
 import os
 import stat
@@ -49,7 +50,9 @@ def test_sweep_finishes_the_others_and_reports_the_failure(joblib_sweep):
     assert json.loads((bad / "status.json").read_text())["status"] == "failed"
     assert "job failed" in (bad / "run.log").read_text()  # the reason is in the job's own log too
     # Joblib ran the jobs in parallel with one torch thread each on 2 cores.
-    assert "1 torch threads" in (job(folder, "uniform") / "run.log").read_text()
+    log = (job(folder, "uniform") / "run.log").read_text()
+    assert "1 torch threads" in log
+    assert re.search(r"target step \d+/\d+ loss \d", log), log[-2000:]  # the loop's loss lines, no progress bar
 
 
 def test_rerun_skips_finished_jobs(joblib_sweep):
@@ -267,3 +270,21 @@ def test_table_unknown_paper_setting(tmp_path, capsys):
     write_result(tmp_path, "fastmix", 0, {"t1": 0.5}, 1.0)
     assert main([str(tmp_path), "--paper", "pretrian"]) == 2
     assert "unknown --paper 'pretrian'" in capsys.readouterr().err
+
+
+def test_table_names_a_bad_result_and_goes_on(tmp_path, capsys):
+    """A truncated result.json is named in one warning and left out; the table is
+    made from the rest. With nothing readable: one line, exit 2, no traceback."""
+    from analysis.tables import main
+    write_result(tmp_path, "fastmix", 0, {"t1": 0.5}, 1.0)
+    write_result(tmp_path, "uniform", 0, {"t1": 0.4}, 1.0)
+    bad = next(tmp_path.rglob("result.json"))
+    bad.write_text(bad.read_text()[:40])
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert f"skipping {bad}" in out.err and "Traceback" not in out.err
+    (good,) = [p for p in tmp_path.rglob("result.json") if p != bad]
+    good.write_text("{}")
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 2 result.json" in err and "Traceback" not in err

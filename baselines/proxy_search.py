@@ -1,0 +1,195 @@
+"""What the many-proxy methods share (RegMix, CLIMB, DeMix): scale presets, RegMix's
+Dirichlet mixture generator (sail-sg/regmix mixture_config/synthesize_mixture.py),
+the regressor mixture -> objective (regression_fitting/regression.ipynb's LightGBM,
+or linear regression), the top-k average and Spearman's rho. Each method file
+holds its method; the generator and the regressor are documented where they are
+used first, in baselines/regmix.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from fastmix.errors import UserError
+
+SCALES = ("smoke", "demo", "paper")
+REGRESSORS = ("lightgbm", "linear")
+# synthesize_mixture.py's constants; the YAML repeats them with their sources
+GENERATOR_DEFAULTS = dict(temperature=0.5, min_strength=0.1, max_strength=5.0, n_strengths=15,
+                          max_usage=15.0, minimum=2e-4, sample_multiplier=100)
+
+
+def pick_preset(method: str, scale: str, presets: dict, required: tuple[str, ...]) -> dict:
+    """The scale-dependent counts of `conf/optimizer/<method>.yaml` for `scale`."""
+    if scale not in SCALES:
+        raise UserError(f"optimizer.scale (or top-level `scale`) is '{scale}'; use one of {list(SCALES)}.")
+    preset = presets.get(scale)
+    if not preset:
+        raise UserError(f"conf/optimizer/{method}.yaml has no '{scale}' preset; add `{scale}: {{...}}`.")
+    missing = [k for k in required if k not in preset]
+    if missing:
+        raise UserError(f"optimizer.{scale} misses {missing}; set them in conf/optimizer/{method}.yaml.")
+    return dict(preset)
+
+
+_POS, _ONE = (lambda v: v > 0, "> 0"), (lambda v: v >= 1, ">= 1")
+_RULES = {"temperature": _POS, "min_strength": _POS, "max_strength": _POS, "n_strengths": _ONE,
+          "max_usage": _POS, "minimum": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "sample_multiplier": _ONE}
+
+
+def check_generator(**g) -> dict:
+    """Validated generator settings (the YAML keys of the same names)."""
+    unknown = sorted(set(g) - set(_RULES))
+    if unknown:
+        raise UserError(f"unknown optimizer keys {unknown}; the generator takes {sorted(_RULES)}.")
+    g = {k: int(v) if k in ("n_strengths", "sample_multiplier") else float(v) for k, v in g.items()}
+    for key, (ok, rule) in _RULES.items():
+        if not ok(g[key]):
+            raise UserError(f"optimizer.{key} is {g[key]}; it must be {rule} "
+                            f"(published {GENERATOR_DEFAULTS[key]}).")
+    if g["min_strength"] > g["max_strength"]:
+        raise UserError(f"optimizer.min_strength {g['min_strength']} > max_strength {g['max_strength']}.")
+    return g
+
+
+def as_prior(prior, what: str = "prior") -> np.ndarray:
+    p = np.asarray(prior, dtype=np.float64)
+    if p.ndim != 1 or len(p) < 2 or not np.all(np.isfinite(p)) or np.any(p <= 0):
+        raise UserError(f"the {what} must be >= 2 finite weights > 0 (Dirichlet parameters); got {p}.")
+    return p / p.sum()
+
+
+def usage_bound(prior, max_usage: float) -> np.ndarray:
+    """Upper bound of each weight: min(max_usage x prior, 1), on the un-tempered prior
+    (public code: number_bound, computed before the temperature is applied)."""
+    return np.minimum(as_prior(prior) * max_usage, 1.0)
+
+
+def temper(prior, temperature: float) -> np.ndarray:
+    """p**t renormalised (public code: prior_dist ** TEMP when temperature < 1)."""
+    p = as_prior(prior) ** temperature
+    return p / p.sum()
+
+
+def strengths(min_strength: float, max_strength: float, n: int) -> np.ndarray:
+    return np.logspace(np.log10(min_strength), np.log10(max_strength), n)
+
+
+def finish_mixtures(x: np.ndarray, minimum: float) -> np.ndarray:
+    """Public post-processing of accepted samples: weights < minimum -> 0,
+    renormalise, round to multiples of minimum (the sum may end off 1 by up to
+    K x minimum / 2, as in the public configs)."""
+    x = np.where(x < minimum, 0.0, x)
+    x = x / x.sum(axis=1, keepdims=True)
+    return np.round(x / minimum) * minimum if minimum > 0 else x
+
+
+def dirichlet_mixtures(prior, n: int, rng: np.random.Generator, *, temperature=0.5, min_strength=0.1,
+                       max_strength=5.0, n_strengths=15, max_usage=15.0, minimum=2e-4,
+                       sample_multiplier=100, max_rounds: int = 50) -> np.ndarray:
+    """n distinct mixtures [n, K] from RegMix's generator (see the module docstring).
+    Rows are rounded as the public code leaves them (use `renormalise` before training)."""
+    bound = usage_bound(prior, max_usage)
+    alpha = temper(prior, temperature)
+    s = strengths(min_strength, max_strength, n_strengths)
+    pool = np.zeros((0, len(alpha)))
+    for _ in range(max_rounds):  # the public code draws once; more rounds only if too few survive
+        trials = n * sample_multiplier
+        which = rng.integers(len(s), size=trials)
+        x = np.empty((trials, len(alpha)))
+        for i, strength in enumerate(s):  # numpy's dirichlet is exact for tiny alphas; a gamma trick is not
+            rows = which == i
+            x[rows] = rng.dirichlet(alpha * strength, size=int(rows.sum()))
+        x = x[np.all(x <= bound, axis=1)]
+        pool = np.concatenate([pool, finish_mixtures(x, minimum)])
+        if minimum > 0:  # rounded rows are equal or >= minimum apart: exact dedup (sort_and_deduplicate)
+            _, keep = np.unique(np.rint(pool / minimum).astype(np.int64), axis=0, return_index=True)
+            pool = pool[np.sort(keep)]
+        if len(pool) >= n:
+            return pool[rng.choice(len(pool), size=n, replace=False)]
+    raise UserError(f"the mixture generator found only {len(pool)} distinct mixtures of {n}: the cap rejects "
+                    f"most draws (raise optimizer.max_usage, {max_usage}) or the rounding leaves too few "
+                    f"distinct ones (lower optimizer.minimum, {minimum}).")
+
+
+def renormalise(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64) / np.sum(x, axis=-1, keepdims=True)
+
+
+def _fit_eval(model, X, y, X_eval, y_eval, callbacks):
+    """fit with one evaluation set (`eval_X`/`eval_y` where LightGBM has them: 4.7 deprecates `eval_set`)."""
+    import inspect
+    new = "eval_X" in inspect.signature(model.fit).parameters
+    kw = dict(eval_X=(X_eval,), eval_y=(y_eval,)) if new else dict(eval_set=[(X_eval, y_eval)])
+    return model.fit(X, y, callbacks=callbacks, **kw)
+
+
+class Regressor:
+    """mixture -> objective. `lightgbm`: the notebook's LGBMRegressor, early stopping on `eval_set`
+    if given, else on held-out runs, then refit on all with those rounds. `linear`: OLS."""
+
+    def __init__(self, kind: str = "lightgbm", params: dict | None = None, early_stopping_rounds: int = 3,
+                 holdout: float = 0.2, seed: int = 0):
+        if kind not in REGRESSORS:
+            raise UserError(f"optimizer.regressor is '{kind}'; use one of {list(REGRESSORS)}.")
+        if not 0 <= holdout < 1:
+            raise UserError(f"optimizer.early_stopping_holdout is {holdout}; it must be in [0, 1).")
+        self.kind, self.params = kind, dict(params or {})
+        self.early_stopping_rounds, self.holdout, self.seed = int(early_stopping_rounds), float(holdout), seed
+        self.model, self.info = None, {}
+
+    def _lgbm(self, **over):
+        import lightgbm as lgb  # only methods that use it pay its import
+        # deterministic + row-wise histograms: a resumed search re-derives the same predictions.
+        # One thread: on a few hundred runs OpenMP threads cost more than they give (a 48-run fit
+        # took 0.3 s on 1 thread, 59 s on 2 busy cores); `lightgbm.n_jobs` in the config overrides.
+        p = {"verbosity": -1, "random_state": self.seed, "deterministic": True, "force_row_wise": True,
+             "n_jobs": 1, **self.params, **over}
+        return lgb.LGBMRegressor(**p)
+
+    def fit(self, X, y, eval_set: tuple | None = None) -> Regressor:
+        X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        ok = np.isfinite(y)  # a diverged proxy (NaN loss) says nothing about its mixture: left out
+        X, y, dropped = X[ok], y[ok], int((~ok).sum())
+        if len(X) < 2:
+            raise UserError(f"the regressor needs >= 2 runs with finite objectives; got {len(X)} "
+                            f"({dropped} non-finite).")
+        if self.kind == "linear":
+            from sklearn.linear_model import LinearRegression
+            self.model = LinearRegression().fit(X, y)
+            self.info = {"regressor": "linear", "n_train": len(X), "dropped_nonfinite": dropped}
+            return self
+        import lightgbm as lgb
+        rounds = self.early_stopping_rounds
+        stop = [lgb.early_stopping(rounds, verbose=False)] if rounds else []
+        n_hold = int(round(self.holdout * len(X)))
+        if eval_set is not None and stop:  # the notebook: stop on the test runs, no refit
+            self.model = _fit_eval(self._lgbm(), X, y, *eval_set, stop)
+            rounds, how = self.model.best_iteration_ or self.model.n_estimators, "eval_set"
+        elif stop and n_hold >= 2 and len(X) - n_hold >= 2:
+            idx = np.random.default_rng(self.seed).permutation(len(X))
+            hold, train = idx[:n_hold], idx[n_hold:]
+            probe = _fit_eval(self._lgbm(), X[train], y[train], X[hold], y[hold], stop)
+            rounds, how = probe.best_iteration_ or probe.n_estimators, f"holdout {n_hold} runs, refit on all"
+            self.model = self._lgbm(n_estimators=rounds).fit(X, y)
+        else:  # early stopping off, or too few runs to hold any out: all rounds
+            self.model = self._lgbm().fit(X, y)
+            rounds, how = self.model.n_estimators, "too few runs to hold out" if stop else "off"
+        self.info = {"regressor": "lightgbm", "n_train": len(X), "rounds": int(rounds), "early_stopping": how,
+                     "dropped_nonfinite": dropped}
+        return self
+
+    def predict(self, X) -> np.ndarray:
+        return self.model.predict(np.asarray(X, dtype=np.float64))
+
+
+def top_k_mean(candidates: np.ndarray, predicted: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of the k candidates with the lowest predicted objective (notebook: argsort[:k])."""
+    order = np.argsort(predicted, kind="stable")[:k]
+    return renormalise(candidates[order].mean(axis=0)), order
+
+
+def spearman(a, b) -> float | None:
+    """Rank correlation; None where undefined (a constant predictor, e.g. at smoke scale)."""
+    from scipy.stats import spearmanr
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(spearmanr(a, b)[0]) if len(a) > 1 and np.ptp(a) > 0 and np.ptp(b) > 0 else None

@@ -1,0 +1,148 @@
+"""Config schemas: every value a job reads is checked before any work, against a
+dataclass that says its type and what is allowed, so a bad value stops with one
+line naming the key, the value and the rule (a `UserError`: exit 2, no DONE).
+
+OmegaConf does the typing (`OmegaConf.structured` + merge converts "3" to 3 and
+refuses "abc" for an int); the ranges and choices are field metadata checked
+here. `check(cfg)` runs at the start of every job (fastmix.pipeline.run_job), so
+in a sweep each job reports its own bad value. Covered so far: the top level
+(seed, device, threads), the proxy and target training settings (one schema for
+`proxy/` and `train/`) and the tokenizer. Schemas for data, eval, executor,
+objective and each optimizer's parameters are still to come (issue 15); those
+nodes are checked by their own code when they are built.
+"""
+from __future__ import annotations
+
+import math
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fastmix.errors import UserError
+
+
+def rule(*, ge=None, gt=None, le=None, lt=None, choices=None, default=MISSING, default_factory=None):
+    """A field with its allowed values in the metadata (no default: required)."""
+    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices).items() if v is not None}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelSchema:
+    layers: int = rule(ge=1)
+    hidden: int = rule(ge=1)
+    ffn: int = rule(ge=1)
+    heads: int = rule(ge=1)
+    context: int = rule(ge=2)
+    kv_heads: Any = None
+    tie_embeddings: bool = False
+    rope_theta: float = rule(gt=0, default=10000.0)
+
+
+@dataclass
+class RunSchema:
+    """conf/proxy/*.yaml and conf/train/*.yaml: one model trained through the one loop."""
+    name: str = "run"
+    model: ModelSchema = field(default_factory=ModelSchema)
+    tokens: int = rule(ge=1)
+    batch_size: int = rule(ge=1)
+    grad_accum: int = rule(ge=1, default=1)
+    lr: float = rule(gt=0)
+    warmup_steps: int = rule(ge=0, default=0)
+    schedule: str = rule(choices=("constant", "cosine"), default="cosine")
+    min_lr_ratio: float = rule(ge=0, le=1, default=0.1)
+    weight_decay: float = rule(ge=0, default=0.0)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = rule(gt=0, default=1.0)
+    precision: str = rule(choices=("bf16", "fp32"), default="bf16")
+    log_every: int = rule(ge=1, default=10)
+    ckpt_every: int = rule(ge=1, default=50)
+    keep_model: bool = False
+    fused_loss: bool = True
+
+
+@dataclass
+class TokenizerSchema:
+    kind: str = rule(choices=("bpe", "pretrained"), default="bpe")
+    vocab_size: int = rule(ge=260, default=8192)  # 256 bytes + pad, bos, eos, unk
+    train_bytes_per_source: int = rule(ge=1, default=2_000_000)
+    path: Any = None
+
+
+@dataclass
+class TopSchema:
+    seed: int = rule(ge=0, default=0)
+    threads: Any = None
+    device: str = "auto"
+
+
+def _fail(key: str, value, allowed: str) -> UserError:
+    return UserError(f"{key}={value!r} is not allowed: {allowed}.")
+
+
+def _check_fields(schema_cls, node: DictConfig, prefix: str) -> None:
+    """Types by OmegaConf, then each field's rule, recursively."""
+    def name(k) -> str:
+        return f"{prefix}.{k}" if prefix else str(k)
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(schema_cls), node)
+    except OmegaConfBaseException as e:
+        full = getattr(e, "full_key", None)
+        value = OmegaConf.select(node, str(full)) if full else None
+        raise UserError(f"{name(full) if full else prefix}={value!r} is not allowed: "
+                        f"{str(e).splitlines()[0]}.") from None
+    hints = typing.get_type_hints(schema_cls)
+    for f in fields(schema_cls):
+        value, key = typed[f.name], name(f.name)
+        if is_dataclass(hints[f.name]):
+            _check_fields(hints[f.name], node[f.name], key)
+            continue
+        m = f.metadata
+        if "choices" in m and value not in m["choices"]:
+            raise _fail(key, value, f"use one of {', '.join(m['choices'])}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _fail(key, value, "must be a finite number")
+        for op, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if op in m and value is not None and not OPS[op](value, m[op]):
+                raise _fail(key, value, f"must be {word} {m[op]}")
+    if schema_cls is RunSchema:
+        betas = list(typed.betas)
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise _fail(name("betas"), betas, "two numbers in [0, 1)")
+
+
+OPS = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b, "lt": lambda v, b: v < b}
+
+
+def check_device(name: str) -> None:
+    import torch
+    if name in ("auto", "cpu"):
+        return
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise _fail("device", name, "auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise _fail("device", name, "this machine has no CUDA device; use device=auto or device=cpu")
+        if dev.index is not None and dev.index >= n:
+            raise _fail("device", name, f"this machine has {n} CUDA device(s): cuda:0..cuda:{n - 1}")
+    elif dev.type != "cpu":
+        raise _fail("device", name, "auto, cpu, cuda or cuda:N")
+
+
+def check(cfg: DictConfig) -> None:
+    """Every covered value of a composed job config; raises `UserError` on the first bad one."""
+    _check_fields(TopSchema, OmegaConf.create({k: cfg.get(k) for k in ("seed", "threads", "device")}), "")
+    if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
+        raise _fail("threads", cfg.threads, "null (every core) or an integer >= 1")
+    check_device(str(cfg.device))
+    for group in ("proxy", "train"):
+        _check_fields(RunSchema, cfg[group], group)
+    _check_fields(TokenizerSchema, cfg.data.tokenizer, "data.tokenizer")

@@ -1,0 +1,43 @@
+"""Config values are checked before any work: one line naming the key, the value and
+what is allowed, exit 2, no DONE (fastmix/schema.py)."""
+import pytest
+from conftest import compose, run_cli
+
+from fastmix import schema
+from fastmix.errors import UserError
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.batch_size=0"], "train.batch_size=0 is not allowed: must be >= 1"),
+    (["train.model.context=0"], "train.model.context=0 is not allowed: must be >= 2"),
+    (["train.lr=-1"], "train.lr=-1.0 is not allowed: must be > 0"),
+    (["proxy.lr=nan"], "proxy.lr=nan is not allowed: must be a finite number"),
+    (["seed=abc"], "seed='abc' is not allowed"),
+    (["seed=-1"], "seed=-1 is not allowed: must be >= 0"),
+    (["device=cuda:7"], "device='cuda:7' is not allowed"),
+    (["device=tpu"], "device='tpu' is not allowed: auto, cpu, cuda or cuda:N"),
+    (["threads=0"], "threads=0 is not allowed"),
+    (["proxy.tokens=0", "train.tokens=0"], "proxy.tokens=0 is not allowed: must be >= 1"),
+    (["data.tokenizer.vocab_size=3"], "data.tokenizer.vocab_size=3 is not allowed: must be >= 260"),
+    (["train.schedule=linear"], "train.schedule='linear' is not allowed: use one of constant, cosine"),
+    (["proxy.betas=[0.9]"], "proxy.betas=[0.9] is not allowed: two numbers in [0, 1)"),
+    (["train.batch_size=abc"], "train.batch_size='abc' is not allowed"),
+    (["train.precision=fp16"], "train.precision='fp16' is not allowed: use one of bf16, fp32"),
+])
+def test_bad_values_name_key_value_and_rule(override, message):
+    with pytest.raises(UserError) as e:
+        schema.check(compose(["experiment=smoke", *override]))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("experiment", ["smoke", "demo", "oracle", "paper_pretrain", "posttrain_demo"])
+def test_shipped_configs_pass(experiment):
+    schema.check(compose([f"experiment={experiment}"]))
+
+
+def test_bad_value_stops_the_job_with_exit_2(smoke_args, tmp_path):
+    r = run_cli([*smoke_args, "train.batch_size=0", "hydra.run.dir=out"], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == "error: train.batch_size=0 is not allowed: must be >= 1."
+    assert "Traceback" not in r.stderr and not (tmp_path / "out" / "DONE").exists()
+    assert not (tmp_path / "out" / "result.json").exists()
