@@ -48,19 +48,22 @@ def _buffer(rows: int, cols: int, device: torch.device, slot: int = 0) -> torch.
     return buf[: rows * cols].view(rows, cols)
 
 
-def _dlogits(hc: torch.Tensor, W: torch.Tensor, tc: torch.Tensor, tok_out: torch.Tensor) -> torch.Tensor:
+def _dlogits(hc: torch.Tensor, W: torch.Tensor, tc: torch.Tensor, tok_out: torch.Tensor | None) -> torch.Tensor:
     """softmax(hc W^T) - onehot(tc), the cross-entropy's gradient w.r.t. the logits, in
-    the reused buffer (valid until the next call); writes the token losses to tok_out."""
+    the reused buffer (valid until the next call); writes the token losses to tok_out
+    (None: not needed, two row-max passes saved)."""
     p = _buffer(hc.shape[0], W.shape[0], hc.device)
     tc = tc[:, None]
     torch.mm(hc, W.t(), out=p)                       # logits
-    xt = p.gather(1, tc).squeeze(1)                  # target logit
-    m = p.amax(1)                                    # max logit
+    if tok_out is not None:
+        xt = p.gather(1, tc).squeeze(1)              # target logit
+        m = p.amax(1)                                # max logit
     torch._softmax(p, 1, False, out=p)               # in place: p = softmax
-    # softmax at the argmax is 1/sum(exp(x - m)), never underflows:
-    # logsumexp = m - log(max p), exactly, without a second pass of exps
-    tok_out.copy_(m - p.amax(1).log() - xt)
-    p.scatter_add_(1, tc, torch.full_like(xt, -1.0)[:, None])  # p - onehot
+    if tok_out is not None:
+        # softmax at the argmax is 1/sum(exp(x - m)), never underflows:
+        # logsumexp = m - log(max p), exactly, without a second pass of exps
+        tok_out.copy_(m - p.amax(1).log() - xt)
+    p.scatter_add_(1, tc, torch.full((tc.shape[0], 1), -1.0, device=p.device))  # p - onehot
     return p
 
 
@@ -148,10 +151,9 @@ def head_gradient_dots(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     backward pass and no full logits."""
     h, W, G = hidden.float(), weight.float(), G.float()
     out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-    tok = torch.empty_like(out)
     for s in range(0, h.shape[0], chunk):
         e = min(h.shape[0], s + chunk)
-        p = _dlogits(h[s:e], W, targets[s:e], tok[s:e])
+        p = _dlogits(h[s:e], W, targets[s:e], None)
         a = _buffer(e - s, W.shape[0], h.device, slot=1)
         torch.mm(h[s:e], G.t(), out=a)               # G h_t for every token of the chunk
         out[s:e] = a.mul_(p).sum(1)

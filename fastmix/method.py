@@ -21,9 +21,10 @@ checked against the public code (hrtan/fastmix, pretrain/train_fastmix_val.py):
   - optional entropy regulariser: minimise L_obj - lambda * H(w), so lambda > 0
     keeps w spread out (see docs/DECISIONS.md for the public code's sign);
   - AdamW on z: lr 0.01, betas (0.9, 0.95), no weight decay.
-  - the objective batch: 2 rows of every objective group, the same rows every
-    outer step (public code: `micro_batch_size // 8` rows from each validation
-    loader, restarted each time, averaged over loaders); `val_batch: random`
+  - the objective batch: micro_batch_size // 8 rows (at least 1) of every
+    objective group, the same rows every outer step (public code: `micro_batch_size
+    // 8` rows from each validation loader, restarted each time, averaged over
+    loaders); `val_batch: random`
     draws `val_batch_size` random windows instead.
 * Output: w after the last outer step; every outer step is traced.
 
@@ -219,12 +220,12 @@ class FastMix:
 
     def __init__(self, outer_every: int = 20, lr: float = 0.01, betas=(0.9, 0.95), entropy_reg: float = 0.0,
                  grad_params: str = "lm_head", init: str = "uniform", val_batch: str = "fixed",
-                 val_rows_per_group: int = 2, val_batch_size: int = 16, scale_rule: str = "movement",
+                 val_rows_per_group: int | str = "auto", val_batch_size: int = 16, scale_rule: str = "movement",
                  reference_outer_steps: int = 1601):
         if scale_rule not in ("movement", "off"):
             raise UserError(f"optimizer.scale_rule '{scale_rule}' is unknown: use movement or off.")
         if val_batch not in ("fixed", "random"):
-            raise UserError(f"optimizer.val_batch '{val_batch}' is unknown: use fixed (the public code's 2 rows "
+            raise UserError(f"optimizer.val_batch '{val_batch}' is unknown: use fixed (the public code's micro-batch // 8 rows "
                             f"per objective group) or random (val_batch_size random windows).")
         if grad_params not in ("lm_head", "all"):
             raise UserError(f"optimizer.grad_params '{grad_params}' is unknown: use lm_head or all.")
@@ -236,12 +237,22 @@ class FastMix:
             raise UserError(f"optimizer.lr={lr} is not allowed: must be a finite number > 0.")
         if not (math.isfinite(entropy_reg) and entropy_reg >= 0):
             raise UserError(f"optimizer.entropy_reg={entropy_reg} is not allowed: must be a finite number >= 0.")
-        if min(val_rows_per_group, val_batch_size, reference_outer_steps) < 1:
-            raise UserError("optimizer.val_rows_per_group, val_batch_size and reference_outer_steps must be >= 1.")
+        if val_rows_per_group != "auto" and (not isinstance(val_rows_per_group, int) or val_rows_per_group < 1):
+            raise UserError(f"optimizer.val_rows_per_group={val_rows_per_group!r}: use auto (the public code's "
+                            f"micro-batch // 8) or an integer >= 1.")
+        if min(val_batch_size, reference_outer_steps) < 1:
+            raise UserError("optimizer.val_batch_size and reference_outer_steps must be >= 1.")
         self.outer_every, self.lr, self.betas, self.entropy_reg = outer_every, lr, betas, entropy_reg
         self.grad_params, self.init, self.val_batch_size = grad_params, init, val_batch_size
         self.val_batch, self.val_rows_per_group = val_batch, val_rows_per_group
         self.scale_rule, self.reference_outer_steps = scale_rule, reference_outer_steps
+
+    def rows_per_group(self, proxy_cfg) -> int:
+        """Objective rows per group and outer step: `auto` = the public code's
+        micro_batch_size // 8 per validation loader (at least 1; 2 at its micro-batch 16)."""
+        if self.val_rows_per_group == "auto":
+            return max(1, int(proxy_cfg.batch_size) // 8)
+        return int(self.val_rows_per_group)
 
     def schedule(self, proxy_cfg) -> tuple[int, float, int]:
         """(T, lr_z, planned outer steps) for a proxy run of `proxy_cfg`."""
@@ -261,11 +272,12 @@ class FastMix:
         else:
             z0 = torch.zeros(len(names))
         T, lr_z, planned = self.schedule(ctx.cfg.proxy)
+        rows = self.rows_per_group(ctx.cfg.proxy)
         hook = FastMixHook(names, ctx.objective, z0, lr_z, self.betas, self.entropy_reg, self.grad_params,
-                           self.val_batch_size, ctx.seed, self.val_batch, self.val_rows_per_group)
+                           self.val_batch_size, ctx.seed, self.val_batch, rows)
         w0 = dict(zip(names, torch.softmax(z0.double(), 0).tolist()))
         ctx.train_proxy(w0, ctx.out_dir / "proxy", weighted=True, hook=hook, hook_every=T, desc="fastmix")
         weights = dict(zip(names, hook.weights.tolist()))
         return SearchResult(weights, trace=hook.trace, info={
             "outer_steps": len(hook.trace), "outer_every": T, "z_lr": lr_z, "planned_outer_steps": planned,
-            "movement_budget": lr_z * planned, "scale_rule": self.scale_rule})
+            "movement_budget": lr_z * planned, "scale_rule": self.scale_rule, "val_rows_per_group": rows})
