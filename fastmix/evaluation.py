@@ -13,8 +13,7 @@ How lm-eval is driven (lm-eval 0.4.13):
   `loglikelihood_rolling`, `generate_until`; TemplateLM splits each request
   into context and continuation tokens). lm-eval's own
   `HFLM(pretrained=<model>, tokenizer=...)` accepts an in-memory model, but in
-  0.4.13: importing lm_eval.models.huggingface needs `accelerate`, which this
-  suite does not install; HFLM ignores `device` for such a model, calls
+  0.4.13: HFLM ignores `device` for such a model, calls
   `model.eval()` on it and leaves it so; an empty context is prefixed with BOS,
   which our models never see in training; one warning line is logged per
   left-truncated request; and its default `logits_cache=True` mis-scores a
@@ -23,10 +22,10 @@ How lm-eval is driven (lm-eval 0.4.13):
   InMemoryLM scores as HFLM's `_loglikelihood_tokens` does (left-truncate
   context + continuation to the model's context, sum the continuation's
   log-probs, greedy flag), with text tokenized as in training (no special
-  tokens; EOS, which joins documents, before an empty context). Checked once
-  outside the tests (accelerate installed aside): HFLM(logits_cache=False,
-  add_bos_token=False, prefix_token_id=EOS) gives identical acc, acc_norm and
-  acc_mutual_info on every local task;
+  tokens; EOS, which joins documents, before an empty context). A saved run
+  (model/, whose tokenizer names EOS as BOS) re-scored by stock `lm_eval --model
+  hf ... logits_cache=False` gives identical acc, acc_norm and acc_mutual_info
+  (tests/test_rescore.py; the command is in the run's eval.json);
 * tasks are loaded with `TaskManager(include_path=<suite folder>,
   include_defaults=False)` for local suites (the full index takes ~10 s) and
   `TaskManager()` for standard names, *before* any model work, so a missing
@@ -103,6 +102,29 @@ def suite_from_config(eval_cfg, corpus) -> dict:
     if kind == "loss":
         return {}
     raise UserError(f"eval.kind '{kind}' is unknown: use local, lm_eval or loss.")
+
+
+def lm_eval_commands(model_dir: Path, suite: dict, limit: int | None = None, batch_size: int = 16) -> dict:
+    """How stock lm-eval re-scores a saved run with the same numbers: the local suite's
+    task folder (`include_path`) and one `lm_eval` command per shot count (lm-eval takes
+    one --num_fewshot per call; its default few-shot seed is the run's, 1234). fp32,
+    EOS as the prefix (the saved tokenizer's BOS, fastmix.models.save_with_tokenizer)
+    and no logits cache (HFLM's cache mis-scores a request whose tokens equal another's
+    with a different context/continuation split: see the module doc), as the run scored."""
+    import shlex
+    dirs = sorted({str(Path(e["yaml"]).parent) for e in suite.values() if e.get("yaml")})
+    by_shots: dict[int, list[str]] = {}
+    for task, entry in suite.items():
+        for shots in _shot_counts(entry):
+            by_shots.setdefault(shots, []).append(task)
+    cmds = []
+    for shots, tasks in sorted(by_shots.items()):
+        cmd = ["lm_eval", "--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32,logits_cache=False",
+               "--tasks", ",".join(tasks), "--num_fewshot", str(shots), "--batch_size", str(batch_size)]
+        cmd += [a for d in dirs for a in ("--include_path", d)]
+        cmd += ["--limit", str(limit)] if limit else []
+        cmds.append(" ".join(shlex.quote(c) for c in cmd))
+    return {"tasks_dir": dirs[0] if len(dirs) == 1 else dirs or None, "lm_eval_commands": cmds}
 
 
 # ------------------------------------------------------------- task loading ---

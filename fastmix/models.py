@@ -53,3 +53,25 @@ def flop_params(model: torch.nn.Module) -> int:
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     return total if emb is head else total - emb.numel()
+
+
+def save_with_tokenizer(model, tokenizer, path) -> None:
+    """`save_pretrained` of a model and its tokenizer, loadable by transformers and by
+    stock lm-eval (`lm_eval --model hf --model_args pretrained=PATH`). The saved
+    tokenizer and config name EOS as the BOS token: lm-eval's hf model scores an empty
+    context (the unconditional term of acc_mutual_info) after the tokenizer's BOS, a
+    token these models never saw in training, where documents are joined by EOS and
+    the in-run adapter puts EOS; with EOS as BOS both score the same."""
+    import copy
+    tok = copy.deepcopy(tokenizer)
+    tok.bos_token = tok.eos_token
+    configs = [model.config] + ([model.generation_config] if getattr(model, "generation_config", None) else [])
+    before = [c.bos_token_id for c in configs]
+    try:
+        for c in configs:
+            c.bos_token_id = tok.eos_token_id
+        model.save_pretrained(path)
+    finally:
+        for c, b in zip(configs, before):
+            c.bos_token_id = b
+    tok.save_pretrained(path)

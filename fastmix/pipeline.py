@@ -28,9 +28,9 @@ from fastmix import distributed, records, schema
 from fastmix.cost import Cost, CostMeter
 from fastmix.data import Corpus, prepare_corpus
 from fastmix.errors import UserError
-from fastmix.evaluation import evaluate_suite, load_tasks, suite_from_config
+from fastmix.evaluation import evaluate_suite, lm_eval_commands, load_tasks, suite_from_config
 from fastmix.fanout import InProcess, make_executor
-from fastmix.models import build_model
+from fastmix.models import build_model, save_with_tokenizer
 from fastmix.objective import ValidationObjective
 from fastmix.optimizer import SearchContext, SearchResult
 from fastmix.sampling import MixtureSampler
@@ -300,8 +300,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
         target, _ = train_on_mixture(sources, cfg.train, result.weights, run_dir, device, meter,
                                      cfg.seed, desc="target", progress=cfg.progress)
         if cfg.train.keep_model and distributed.is_main():
-            target.save_pretrained(run_dir / "model")
-            corpus.tokenizer.save_pretrained(run_dir / "model")
+            save_with_tokenizer(target, corpus.tokenizer, run_dir / "model")
 
     # 3. evaluate
     with meter.stage("eval"):
@@ -311,6 +310,9 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
         scores = (evaluate_suite(target, corpus.tokenizer, suite, device, cfg.eval.batch_size, cfg.eval.get("limit"),
                                  meter, cfg.train.precision) if suite else
                   {"scores": {}, "metrics": {}, "average": None, "results": {}})
+        # re-scoring the saved model/ with stock lm-eval: the task folder and the commands
+        rescore = (lm_eval_commands(run_dir / "model", suite, cfg.eval.get("limit"), cfg.eval.batch_size)
+                   if suite and cfg.train.keep_model else {})
 
     # 4. record (rank 0: the same numbers on every rank)
     cost = meter.to_dict()
@@ -319,13 +321,13 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
         "objective": objective.describe(), "proxy": cfg.proxy.name, "target": cfg.train.name,
         "weights": result.weights, "search_cost": cost["search"], "train_cost": cost["train"],
         "eval_cost": cost["eval"], "eval_suite": cfg.eval.name, "eval": scores["scores"],
-        "eval_metrics": scores["metrics"], "eval_average": scores["average"],
+        "eval_metrics": scores["metrics"], "eval_average": scores["average"], **rescore,
         "eval_split": "test", "val_loss": val_loss, "val_loss_average": sum(val_loss.values()) / len(val_loss),
         "objective_loss": objective_loss, "search_info": result.info, "versions": records.versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if distributed.is_main():
-        records.write_json(run_dir / "eval.json", {"suite": cfg.eval.name, **scores, "eval_split": "test",
+        records.write_json(run_dir / "eval.json", {"suite": cfg.eval.name, **rescore, **scores, "eval_split": "test",
                                                    "val_loss": val_loss, "objective_loss": objective_loss})
         records.write_json(run_dir / "cost.json", cost)
         records.write_json(run_dir / "result.json", result_row)
