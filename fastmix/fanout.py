@@ -60,6 +60,9 @@ class InProcess:
     and the corpus already in memory is reused)."""
     name = "inprocess"
 
+    def __init__(self, folder: str | None = None):  # folder: Submitit's log folder, unused here
+        pass
+
     def map(self, fn: Callable, jobs: Sequence) -> list:
         return _gather((partial(fn, job) for job in jobs), len(jobs))  # lazily: one after the other
 
@@ -70,7 +73,7 @@ class LocalProcesses:
     oversubscribed threads make CPU training many times slower)."""
     name = "local"
 
-    def __init__(self, workers: int | None = None, threads_per_unit: int = 1):
+    def __init__(self, workers: int | None = None, threads_per_unit: int = 1, folder: str | None = None):
         cores = len(os.sched_getaffinity(0))
         self.threads = max(1, int(threads_per_unit))
         self.workers = int(workers or max(1, cores // self.threads))
@@ -119,17 +122,3 @@ class Submitit:
                  submitted[0].job_id.split("_")[0] if submitted else "-")
         # submitit re-raises a task's error from result(); its log file says more
         return _gather([j.result for j in submitted], len(jobs), lambda i: f" (logs: {submitted[i].paths.stderr})")
-
-
-def make_executor(cfg, folder: Path):
-    """From `conf/executor/<name>.yaml`."""
-    name = cfg.name
-    if name == "inprocess":
-        return InProcess()
-    if name == "local":
-        return LocalProcesses(cfg.get("workers"), cfg.get("threads_per_unit", 1))
-    if name == "slurm":
-        return Submitit(folder, cfg.get("cluster", "slurm"), cfg.get("partition"), cfg.get("gpus_per_unit", 1),
-                        cfg.get("cpus_per_unit", 4), cfg.get("mem_gb", 16), cfg.get("timeout_min", 60),
-                        cfg.get("array_parallelism", 64), cfg.get("additional"), cfg.get("setup"))
-    raise UserError(f"executor '{name}' is unknown: use executor=inprocess, local or slurm.")

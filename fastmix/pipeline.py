@@ -29,7 +29,7 @@ from fastmix.cost import Cost, CostMeter
 from fastmix.data import Corpus, prepare_corpus
 from fastmix.errors import UserError
 from fastmix.evaluation import evaluate_suite, lm_eval_commands, load_tasks, suite_from_config
-from fastmix.fanout import InProcess, make_executor
+from fastmix.fanout import InProcess
 from fastmix.models import build_model, save_with_tokenizer
 from fastmix.objective import ValidationObjective
 from fastmix.optimizer import SearchContext, SearchResult
@@ -187,7 +187,7 @@ def proxy_runner(cfg: DictConfig, corpus: Corpus, objective, meter: CostMeter, f
     # Data-parallel ranks train each proxy together, one after the other: fanning out
     # from every rank would run each proxy W times (and the workers would inherit the
     # launcher's variables).
-    executor = make_executor(cfg.executor, folder / "submitit") if distributed.world_size() == 1 else InProcess()
+    executor = build(cfg.executor, folder=str(folder / "submitit")) if distributed.world_size() == 1 else InProcess()
     unit = ProxyUnit(OmegaConf.to_container(cfg, resolve=True), getattr(executor, "threads", None))
     if executor.name == "inprocess":
         unit._loaded = corpus, objective  # already in memory
@@ -230,17 +230,22 @@ def search_corpus(optimizer, corpus: Corpus, cfg: DictConfig, meter: CostMeter |
         return prepare(corpus, cfg, meter)
 
 
-def build_optimizer(opt_cfg: DictConfig):
-    """`conf/optimizer/<name>.yaml` is flat (`_target_`, `name`, the method's
-    parameters) so a sweep overrides `optimizer.lr=...`; `name` is a label."""
+def build(node: DictConfig, **extra):
+    """An object from a flat config group (`_target_`, `name`, its parameters), as
+    optimizers and executors are, so a sweep overrides `optimizer.lr=...`; `name` is
+    a label. The object's own bad-input message comes out as itself."""
     # resolved here: `scale: ${scale}` points at the job config's root
-    params = {k: v for k, v in OmegaConf.to_container(opt_cfg, resolve=True).items() if k != "name"}
+    params = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"}
     try:
-        return instantiate(params, _convert_="all")
+        return instantiate(params, _convert_="all", **extra)
     except InstantiationException as e:  # Hydra wraps the method's own bad-input message
         if isinstance(e.__cause__, UserError):
             raise e.__cause__ from None
         raise
+
+
+def build_optimizer(opt_cfg: DictConfig):
+    return build(opt_cfg)
 
 
 def run_search(cfg: DictConfig, optimizer, corpus: Corpus, objective, meter: CostMeter, device,

@@ -111,16 +111,15 @@ def test_local_processes_match_in_process(setup, tmp_path):
         assert r["cost"]["device_hours"] == pytest.approx(r["cost"]["wall_seconds"] * share / 3600)
 
 
-def test_unknown_executor_and_missing_sbatch(setup, tmp_path, monkeypatch):
-    from omegaconf import OmegaConf
-
-    from fastmix.fanout import make_executor
-    with pytest.raises(UserError, match="executor 'bogus' is unknown"):
-        make_executor(OmegaConf.create({"name": "bogus"}), tmp_path)
+def test_executors_are_built_by_target_and_sbatch_is_checked(setup, tmp_path, monkeypatch):
+    from fastmix.fanout import InProcess, LocalProcesses
+    for name, cls in (("inprocess", InProcess), ("local", LocalProcesses)):
+        cfg, _, _ = setup(f"executor={name}")
+        assert type(pipeline.build(cfg.executor, folder=str(tmp_path))) is cls
     monkeypatch.setenv("PATH", str(tmp_path))
     cfg, _, _ = setup("executor=slurm")
     with pytest.raises(UserError, match="sbatch"):
-        make_executor(cfg.executor, tmp_path)
+        pipeline.build(cfg.executor, folder=str(tmp_path))
 
 
 def test_keep_model_and_continue_from_it(setup, tmp_path):
