@@ -7,9 +7,9 @@ refuses "abc" for an int); the ranges and choices are field metadata checked
 here. `check(cfg)` runs at the start of every job (fastmix.pipeline.run_job), so
 in a sweep each job reports its own bad value. Covered so far: the top level
 (seed, device, threads), the proxy and target training settings (one schema for
-`proxy/` and `train/`) and the tokenizer. Schemas for data, eval, executor,
-objective and each optimizer's parameters are still to come (issue 15); those
-nodes are checked by their own code when they are built.
+`proxy/` and `train/`), the tokenizer and splits, eval and
+the executors. Schemas for the objectives and each optimizer's parameters are
+still to come (issue 15); those are checked by their own constructors.
 """
 from __future__ import annotations
 
@@ -72,6 +72,57 @@ class TokenizerSchema:
     vocab_size: int = rule(ge=260, default=8192)  # 256 bytes + pad, bos, eos, unk
     train_bytes_per_source: int = rule(ge=1, default=2_000_000)
     path: Any = None
+
+
+@dataclass
+class EvalSchema:
+    """conf/eval/*.yaml: one schema for the three kinds (a preset such as
+    experiment=smoke sets n_per_task and limit whichever eval is chosen; a kind
+    ignores the keys it does not use, and a misspelt key is still refused)."""
+    name: str = "local"
+    kind: str = rule(choices=("local", "lm_eval", "loss"), default="local")
+    n_per_task: int = rule(ge=1, default=200)  # local
+    tasks: Any = None  # local: names or globs; lm_eval: {task: shot counts}
+    seed: int = rule(ge=0, default=0)  # local
+    metric: Any = None  # local
+    num_fewshot: Any = None  # lm_eval
+    metrics: Any = None  # lm_eval
+    batch_size: int = rule(ge=1, default=16)
+    limit: Any = None
+    suite_dir: str = "data/eval_suites"
+    test_tokens_per_source: int = rule(ge=1, default=32768)
+
+
+@dataclass
+class LocalExecutorSchema:
+    _target_: str = "fastmix.fanout.LocalProcesses"
+    name: str = "local"
+    workers: Any = None
+    threads_per_unit: int = rule(ge=1, default=1)
+
+
+@dataclass
+class SlurmExecutorSchema:
+    _target_: str = "fastmix.fanout.Submitit"
+    name: str = "slurm"
+    cluster: str = rule(choices=("slurm", "local"), default="slurm")
+    partition: Any = None
+    gpus_per_unit: int = rule(ge=0, default=1)
+    cpus_per_unit: int = rule(ge=1, default=4)
+    mem_gb: float = rule(gt=0, default=16.0)
+    timeout_min: int = rule(ge=1, default=60)
+    array_parallelism: int = rule(ge=1, default=64)
+    additional: Any = None
+    setup: Any = None
+
+
+EXECUTOR_SCHEMAS = {"local": LocalExecutorSchema, "slurm": SlurmExecutorSchema}
+
+
+@dataclass
+class SplitsSchema:
+    val: float = rule(gt=0, lt=1, default=0.05)
+    test: float = rule(gt=0, lt=1, default=0.05)
 
 
 @dataclass
@@ -146,3 +197,18 @@ def check(cfg: DictConfig) -> None:
     for group in ("proxy", "train"):
         _check_fields(RunSchema, cfg[group], group)
     _check_fields(TokenizerSchema, cfg.data.tokenizer, "data.tokenizer")
+    _check_fields(SplitsSchema, cfg.data.splits, "data.splits")
+    if cfg.data.get("max_bytes_per_source") is not None:
+        _positive_int("data.max_bytes_per_source", cfg.data.max_bytes_per_source)
+    _check_fields(EvalSchema, cfg.eval, "eval")
+    if cfg.eval.get("limit") is not None:
+        _positive_int("eval.limit", cfg.eval.limit)
+    if cfg.executor.name in EXECUTOR_SCHEMAS:
+        _check_fields(EXECUTOR_SCHEMAS[cfg.executor.name], cfg.executor, "executor")
+        if cfg.executor.get("workers") is not None:
+            _positive_int("executor.workers", cfg.executor.workers)
+
+
+def _positive_int(key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(key, value, "null or an integer >= 1")

@@ -23,6 +23,13 @@ from fastmix.errors import UserError
     (["proxy.betas=[0.9]"], "proxy.betas=[0.9] is not allowed: two numbers in [0, 1)"),
     (["train.batch_size=abc"], "train.batch_size='abc' is not allowed"),
     (["train.precision=fp16"], "train.precision='fp16' is not allowed: use one of bf16, fp32"),
+    (["eval.limit=0"], "eval.limit=0 is not allowed: null or an integer >= 1"),
+    (["eval.batch_size=0"], "eval.batch_size=0 is not allowed: must be >= 1"),
+    (["eval.kind=foo"], "eval.kind='foo' is not allowed: use one of local, lm_eval, loss"),
+    (["executor=local", "executor.workers=0"], "executor.workers=0 is not allowed"),
+    (["executor=slurm", "executor.cluster=pbs"], "executor.cluster='pbs' is not allowed: use one of slurm, local"),
+    (["data.splits.val=1.5"], "data.splits.val=1.5 is not allowed: must be < 1"),
+    (["data.max_bytes_per_source=-3"], "data.max_bytes_per_source=-3 is not allowed"),
 ])
 def test_bad_values_name_key_value_and_rule(override, message):
     with pytest.raises(UserError) as e:
@@ -30,9 +37,16 @@ def test_bad_values_name_key_value_and_rule(override, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("experiment", ["smoke", "demo", "oracle", "paper_pretrain", "posttrain_demo"])
-def test_shipped_configs_pass(experiment):
-    schema.check(compose([f"experiment={experiment}"]))
+EXPERIMENTS = ["smoke", "demo", "oracle", "oracle_smoke", "paper_pretrain", "paper_posttrain", "posttrain_demo"]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("group", [[], ["eval=loss"], ["eval=paper14"], ["eval=local"], ["executor=local"],
+                                   ["executor=slurm"], ["proxy=regmix_1m"], ["train=regmix_1b"]])
+def test_shipped_configs_pass(experiment, group):
+    """Every experiment with every eval and executor: a preset's keys are allowed
+    whichever option is chosen."""
+    schema.check(compose([f"experiment={experiment}", *group]))
 
 
 def test_bad_value_stops_the_job_with_exit_2(smoke_args, tmp_path):
