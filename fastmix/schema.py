@@ -132,6 +132,12 @@ class TopSchema:
     device: str = "auto"
 
 
+def run_config(cfg) -> DictConfig:
+    """A proxy/ or train/ node with every default filled from `RunSchema`: the one
+    place the training loop's defaults live (no `cfg.get(key, default)` in the loop)."""
+    return OmegaConf.merge(OmegaConf.structured(RunSchema), cfg)
+
+
 def _fail(key: str, value, allowed: str) -> UserError:
     return UserError(f"{key}={value!r} is not allowed: {allowed}.")
 

@@ -49,6 +49,7 @@ from fastmix.cost import Cost, CostMeter
 from fastmix.fused_loss import fused_linear_cross_entropy, tune_malloc
 from fastmix.models import flop_params
 from fastmix.records import atomic_file, write_text_atomic
+from fastmix.schema import run_config
 from fastmix.sampling import Batch, MixtureSampler
 
 log = logging.getLogger(__name__)
@@ -201,13 +202,13 @@ def _atomic_save(obj, path: Path) -> None:
 class Trainer:
     """Trains `model` for `cfg.tokens` tokens (rounded up to whole optimizer steps).
 
-    cfg keys: tokens, batch_size, grad_accum, lr, warmup_steps, schedule,
-    min_lr_ratio, weight_decay, betas, grad_clip, log_every, ckpt_every, precision.
-    """
+    cfg: a proxy/ or train/ node (fastmix.schema.RunSchema: its keys, types and
+    defaults)."""
 
     def __init__(self, model, sampler: MixtureSampler, cfg, device: torch.device, meter: CostMeter,
                  out_dir: Path, hook: Hook | None = None, hook_every: int = 1, desc: str = "train",
                  progress: bool = True):
+        cfg = run_config(cfg)  # the schema's defaults for keys the node leaves out
         self.model, self.sampler, self.cfg = model.to(device), sampler, cfg
         self.device, self.meter, self.out_dir = device, meter, Path(out_dir)
         self.hook, self.hook_every, self.desc = hook, hook_every, desc
@@ -228,7 +229,7 @@ class Trainer:
             model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
             fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
-            s, self.total_steps, cfg.warmup_steps, cfg.schedule, cfg.get("min_lr_ratio", 0.1)))
+            s, self.total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio))
         self.step = self.micro_step = 0
         self.cost = Cost(device=meter.device_name, devices=meter.devices)  # this run's own work,
         # kept across resumes
@@ -271,7 +272,7 @@ class Trainer:
         """(weighted loss to backward, [B, T] detached token losses). `fused_loss`
         (default) runs the LM head + cross-entropy chunked (fastmix.fused_loss):
         same numbers, about twice the CPU throughput at large vocabularies."""
-        if not self.cfg.get("fused_loss", True):
+        if not self.cfg.fused_loss:
             tok = token_losses(self.model, batch, self.device, self.cfg.precision)
             return weighted_loss(tok, batch), tok.detach()
         h, targets, w = last_hidden(self.model, batch, self.device, self.cfg.precision)
