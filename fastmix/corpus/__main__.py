@@ -1,0 +1,5 @@
+import sys
+
+from fastmix.corpus.build import main
+
+sys.exit(main())
