@@ -17,12 +17,14 @@ import hashlib
 import itertools
 import json
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Union
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from fastmix.config import abspath
 from fastmix.errors import UserError
@@ -219,7 +221,7 @@ def train_bpe(docs_by_source: dict[str, list[str]], vocab_size: int, bytes_per_s
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS.values()),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+                                  show_progress=sys.stderr.isatty())  # its own bar, on a terminal only
 
     def sample():
         for name in sorted(docs_by_source):
@@ -397,7 +399,9 @@ def prepare_corpus(data_cfg) -> Corpus:
 
     with building_dir(root, "meta.json") as tmp:
         meta = {"dtype": dtype, "vocab_size": len(tokenizer), "sources": {}}
-        for name, parts in splits.items():
+        # a bar on a terminal only (disable=None): the token cache of a large corpus takes minutes
+        for name, parts in tqdm(splits.items(), desc="tokenizing sources", unit="source", disable=None,
+                                leave=False):
             meta["sources"][name] = {}
             for split in SPLITS:
                 flat, mask, lengths = tokenize_documents(tokenizer, parts[split], dtype)

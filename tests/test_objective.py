@@ -48,3 +48,15 @@ def test_qa_file_pairs_alternate(corpus, tmp_path):
     path.write_text(json.dumps(rows[0]) + "\n")
     with pytest.raises(UserError, match="at least 2"):
         QAObjective(corpus, path=str(path))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda c, t: ValidationObjective(c, max_tokens_per_source=0), "objective.max_tokens_per_source=0"),
+    (lambda c, t: ValidationObjective(c, batch_size=0), "objective.batch_size=0"),
+    (lambda c, t: TextFileObjective(c, str(t), max_tokens_per_source=-5), "objective.max_tokens_per_source=-5"),
+    (lambda c, t: QAObjective(c, source=c.sources[0], max_pairs=0), "objective.max_pairs=0"),
+])
+def test_bad_objective_values(corpus, tmp_path, make, message):
+    (tmp_path / "t.txt").write_text("some text " * 50)
+    with pytest.raises(UserError, match=message):
+        make(corpus, tmp_path / "t.txt")
