@@ -9,7 +9,7 @@ CORPUS := data/embedded/manifest.json
 SFT    := data/embedded_sft/manifest.json
 ARGS   ?=
 
-.PHONY: setup run test corpus bench demo oracle clean
+.PHONY: setup run test test-slurm corpus bench demo oracle clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# the SLURM path against a real single-node SLURM on this machine (root: it installs
+# Debian's slurmctld/slurmd/munge and starts them; stopped at the end, also on failure)
+test-slurm: setup
+	@if [ "$$(id -u)" != 0 ]; then echo "make test-slurm needs root (it installs and starts SLURM)" >&2; exit 2; fi
+	bash scripts/slurm.sh up || { bash scripts/slurm.sh down; exit 1; }
+	$(PY) -m pytest -q -m slurm tests/test_slurm.py; rc=$$?; bash scripts/slurm.sh down; exit $$rc
 
 # every method x 3 seeds at CPU scale, then tables, plots and the README's results
 demo: setup

@@ -1,0 +1,164 @@
+"""The SLURM path against a real single-node SLURM (`make test-slurm` brings one up
+with scripts/slurm.sh). Skipped when no `sinfo` answers, so `make test` runs
+without a cluster."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+pytestmark = pytest.mark.slurm
+
+
+def _cluster_answers() -> bool:
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return False
+    try:
+        r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0 and any(s.strip().startswith("idle") or s.strip() in ("mixed", "allocated")
+                                     for s in r.stdout.splitlines())
+
+
+if not _cluster_answers():
+    pytest.skip("no SLURM answers here (make test-slurm starts one)", allow_module_level=True)
+
+# one CPU per job, no GPU: the test node is this machine
+LAUNCHER = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
+            "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10"]
+EXECUTOR = ["executor=slurm", "executor.partition=debug", "executor.gpus_per_unit=0", "executor.cpus_per_unit=1",
+            "executor.mem_gb=2", "executor.timeout_min=10"]
+
+
+def _submitted_jobs() -> int:
+    """Jobs SLURM knows (finished ones stay for MinJobAge)."""
+    r = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True, check=True)
+    return len(r.stdout.split())
+
+
+def _job_ids(folder: Path) -> set[str]:
+    return {p.name.split("_")[0] for p in folder.rglob("*_submitted.pkl")}
+
+
+def test_sweep_through_slurm_and_a_rerun_submits_nothing(smoke_args, tmp_path):
+    args = ["-m", "optimizer=uniform,natural", *smoke_args, "eval=loss", *LAUNCHER, "hydra.sweep.dir=sweep"]
+    r = run_cli(args, cwd=tmp_path, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "2 finished, 0 skipped, 0 failed" in out
+    jobs = [p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name.startswith("optimizer=")]
+    assert len(jobs) == 2 and all((j / "DONE").exists() for j in jobs)
+    submitted = _job_ids(tmp_path / "sweep")
+    r = run_cli(args, cwd=tmp_path, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "0 finished, 2 skipped, 0 failed" in out, out[-3000:]
+    # the skipped jobs still go through the launcher, but train nothing: their results are untouched
+    assert all(json.loads((j / "status.json").read_text())["status"] == "skipped" for j in jobs)
+    assert submitted <= _job_ids(tmp_path / "sweep")
+
+
+def test_regmix_proxies_as_a_slurm_array_match_in_process(smoke_args, tmp_path):
+    base = [*smoke_args, "optimizer=regmix", "eval=loss", "train.tokens=2000"]
+    r = run_cli([*base, "hydra.run.dir=inproc"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli([*base, *EXECUTOR, "hydra.run.dir=slurm"], cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("inproc", "slurm"))
+    assert a["weights"] == pytest.approx(b["weights"], rel=1e-9)
+    assert a["search_cost"]["proxy_runs"] == b["search_cost"]["proxy_runs"] > 1
+    assert _job_ids(tmp_path / "slurm" / "search" / "proxies" / "submitit")  # they went through sbatch
+
+
+def _wait_for(path: Path, timeout: float = 300) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        if time.time() > end:
+            raise AssertionError(f"{path} did not appear in {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def _preempt(job_id: str) -> None:
+    """What SLURM does before a time limit (Submitit asks for --signal=USR2@...):
+    USR2 to the job's steps; Submitit checkpoints and requeues."""
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+
+
+def _restarts(job_id: str) -> int:
+    r = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
+    for tok in r.stdout.split():
+        if tok.startswith("Restarts="):
+            return int(tok.split("=")[1])
+    return 0
+
+
+def test_preempted_sweep_job_resumes_with_the_same_numbers(smoke_args, tmp_path):
+    long = [*smoke_args, "optimizer=uniform", "eval=loss", "train.tokens=400000", "train.ckpt_every=10"]
+    r = run_cli([*long, "hydra.run.dir=ref"], cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.Popen([os.environ.get("PYTHON", "python"), str(Path(__file__).parents[1] / "run.py"),
+                             "-m", *long, *LAUNCHER, "hydra.sweep.dir=sweep"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(next_ckpt := tmp_path / "sweep" / "optimizer=uniform" / "checkpoint.pt")
+        (job_id,) = _job_ids(tmp_path / "sweep")
+        _preempt(job_id)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)
+    assert proc.returncode == 0, out[-3000:]
+    assert _restarts(job_id) >= 1, f"job {job_id} was not requeued"
+    job = next_ckpt.parent
+    ref = json.loads((tmp_path / "ref" / "result.json").read_text())
+    got = json.loads((job / "result.json").read_text())
+    assert got["objective_loss"] == ref["objective_loss"] and got["val_loss"] == ref["val_loss"]
+    metrics = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == sorted({m["step"] for m in metrics})  # resumed, no step twice
+
+
+def test_preempted_proxy_task_resumes(smoke_args, tmp_path):
+    long = [*smoke_args, "optimizer=regmix", "eval=loss", "train.tokens=2000", "proxy.tokens=200000",
+            "proxy.ckpt_every=10"]
+    r = run_cli([*long, "hydra.run.dir=ref"], cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.Popen([os.environ.get("PYTHON", "python"), str(Path(__file__).parents[1] / "run.py"),
+                             *long, *EXECUTOR, "executor.array_parallelism=1", "hydra.run.dir=cut"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        proxies = tmp_path / "cut" / "search" / "proxies"
+        _wait_for(proxies / "regmix_0000" / "checkpoint.pt")
+        (array,) = _job_ids(proxies / "submitit")
+        _preempt(f"{array}_0")
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)
+    assert proc.returncode == 0, out[-3000:]
+    assert _restarts(f"{array}_0") >= 1, "the proxy task was not requeued"
+    ref = json.loads((tmp_path / "ref" / "result.json").read_text())
+    got = json.loads((tmp_path / "cut" / "result.json").read_text())
+    assert got["weights"] == pytest.approx(ref["weights"], rel=1e-9)
+    a = json.loads((tmp_path / "ref" / "search" / "proxies" / "regmix_0000" / "record.json").read_text())
+    b = json.loads((proxies / "regmix_0000" / "record.json").read_text())
+    assert a["objective"] == b["objective"]
+
+
+def test_a_failing_array_task_does_not_stop_the_others(smoke_args, tmp_path):
+    """optimizer=fixed without weights fails at once; uniform finishes; the summary says so."""
+    args = ["-m", "optimizer=uniform,fixed", *smoke_args, "eval=loss", *LAUNCHER, "hydra.sweep.dir=sweep"]
+    r = run_cli(args, cwd=tmp_path, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-3000:]
+    assert "1 finished, 0 skipped, 1 failed" in out and "optimizer.weights" in out
+    (ok,) = [p for p in (tmp_path / "sweep").iterdir() if p.name.startswith("optimizer=uniform")]
+    assert (ok / "DONE").exists()
