@@ -100,26 +100,33 @@ def _restarts(job_id: str) -> int:
     return 0
 
 
-def test_preempted_sweep_job_resumes_with_the_same_numbers(smoke_args, tmp_path):
-    long = [*smoke_args, "optimizer=uniform", "eval=loss", "train.tokens=100000", "train.ckpt_every=10"]
-    r = run_cli([*long, "hydra.run.dir=ref"], cwd=tmp_path, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+def _run_preempted(args: list[str], cwd: Path, watch: Path, pattern: str, task: str) -> tuple[str, Path]:
+    """Start `run.py ARGS`, wait for `pattern` (a checkpoint) under `watch`, preempt
+    the SLURM job that wrote it (`task`: "" for a plain job, "_0" for array task 0),
+    and wait for the run to end. Returns (the job id, the checkpoint's folder)."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "run.py"),
-                             "-m", *long, *LAUNCHER, "hydra.sweep.dir=sweep"], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "run.py"), *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        next_ckpt = _wait_for(tmp_path / "sweep", "*optimizer=uniform*/checkpoint.pt", proc)
-        (job_id,) = _job_ids(tmp_path / "sweep")
-        _preempt(job_id)
+        ckpt = _wait_for(watch, pattern, proc)
+        (job,) = _job_ids(watch)
+        _preempt(job + task)
         out, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             proc.wait(30)
     assert proc.returncode == 0, out[-3000:]
-    assert _restarts(job_id) >= 1, f"job {job_id} was not requeued"
-    job = next_ckpt.parent
+    assert _restarts(job + task) >= 1, f"job {job + task} was not requeued"
+    return job + task, ckpt.parent
+
+
+def test_preempted_sweep_job_resumes_with_the_same_numbers(smoke_args, tmp_path):
+    long = [*smoke_args, "optimizer=uniform", "eval=loss", "train.tokens=100000", "train.ckpt_every=10"]
+    r = run_cli([*long, "hydra.run.dir=ref"], cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, job = _run_preempted(["-m", *long, *LAUNCHER, "hydra.sweep.dir=sweep"], tmp_path, tmp_path / "sweep",
+                            "*optimizer=uniform*/checkpoint.pt", "")
     ref = json.loads((tmp_path / "ref" / "result.json").read_text())
     got = json.loads((job / "result.json").read_text())
     assert got["objective_loss"] == ref["objective_loss"] and got["val_loss"] == ref["val_loss"]
@@ -132,22 +139,9 @@ def test_preempted_proxy_task_resumes(smoke_args, tmp_path):
             "proxy.ckpt_every=10"]
     r = run_cli([*long, "hydra.run.dir=ref"], cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "run.py"),
-                             *long, *EXECUTOR, "executor.array_parallelism=1", "hydra.run.dir=cut"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        proxies = tmp_path / "cut" / "search" / "proxies"
-        _wait_for(proxies, "regmix_0000/checkpoint.pt", proc)
-        (array,) = _job_ids(proxies / "submitit")
-        _preempt(f"{array}_0")
-        out, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(30)
-    assert proc.returncode == 0, out[-3000:]
-    assert _restarts(f"{array}_0") >= 1, "the proxy task was not requeued"
+    proxies = tmp_path / "cut" / "search" / "proxies"
+    _run_preempted([*long, *EXECUTOR, "executor.array_parallelism=1", "hydra.run.dir=cut"], tmp_path, proxies,
+                   "regmix_0000/checkpoint.pt", "_0")
     ref = json.loads((tmp_path / "ref" / "result.json").read_text())
     got = json.loads((tmp_path / "cut" / "result.json").read_text())
     assert got["weights"] == pytest.approx(ref["weights"], rel=1e-9)
