@@ -104,6 +104,11 @@ def suite_from_config(eval_cfg, corpus) -> dict:
     raise UserError(f"eval.kind '{kind}' is unknown: use local, lm_eval or loss.")
 
 
+def _local_dirs(suite: dict) -> list[str]:
+    """The folders of a suite's local task YAMLs (lm-eval's include_path)."""
+    return sorted({str(Path(e["yaml"]).parent) for e in suite.values() if e.get("yaml")})
+
+
 def lm_eval_commands(model_dir: Path, suite: dict, limit: int | None = None, batch_size: int = 16) -> dict:
     """How stock lm-eval re-scores a saved run with the same numbers: the local suite's
     task folder (`include_path`) and one `lm_eval` command per shot count (lm-eval takes
@@ -112,7 +117,7 @@ def lm_eval_commands(model_dir: Path, suite: dict, limit: int | None = None, bat
     and no logits cache (HFLM's cache mis-scores a request whose tokens equal another's
     with a different context/continuation split: see the module doc), as the run scored."""
     import shlex
-    dirs = sorted({str(Path(e["yaml"]).parent) for e in suite.values() if e.get("yaml")})
+    dirs = _local_dirs(suite)
     by_shots: dict[int, list[str]] = {}
     for task, entry in suite.items():
         for shots in _shot_counts(entry):
@@ -137,7 +142,7 @@ def default_task_manager():
 
 def _task_manager(suite: dict):
     from lm_eval.tasks import TaskManager
-    local_dirs = sorted({str(Path(e["yaml"]).parent) for e in suite.values() if e.get("yaml")})
+    local_dirs = _local_dirs(suite)
     for e in suite.values():
         if e.get("yaml") and not Path(e["yaml"]).exists():
             raise UserError(f"eval suite task file {e['yaml']} is missing; delete its folder so "

@@ -52,11 +52,18 @@ import torch
 
 from fastmix import distributed
 from fastmix.errors import UserError
+from fastmix.fused_loss import head_gradient, head_gradient_dots
 from fastmix.models import flop_params
 from fastmix.optimizer import SearchContext, SearchResult
-from fastmix.fused_loss import head_gradient, head_gradient_dots
-from fastmix.train import (HookContext, StepInfo, last_hidden, masked_mean, planned_steps, token_losses,
-                           weighted_loss)
+from fastmix.train import (
+    HookContext,
+    StepInfo,
+    last_hidden,
+    masked_mean,
+    planned_steps,
+    token_losses,
+    weighted_loss,
+)
 
 
 def softmax_chain(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -123,11 +130,9 @@ def head_hypergradient(model, val_batch, info: StepInfo, n_sources: int, lr: flo
     source = info.batch.source.to(dots.device)
     per_row = torch.stack([(dots * mask).sum(1), mask.sum(1)], 1)
     sums = torch.zeros(n_sources, 2, dtype=torch.float64, device=dots.device).index_add_(0, source, per_row).cpu()
-    present = torch.zeros(n_sources, dtype=torch.bool).index_fill_(0, source.cpu().unique(), True)
-    # masked_mean's denominator (counted tokens, at least 1); a source absent from the
-    # micro-batch keeps 0 (public code)
-    inner = torch.where(present, sums[:, 0] / sums[:, 1].clamp_min(1.0), torch.zeros(n_sources, dtype=torch.float64))
-    inner = _over_ranks(inner, torch.where(present, sums[:, 1], torch.zeros_like(sums[:, 1])))
+    # masked_mean's denominator (counted tokens, at least 1): a source absent from the
+    # micro-batch has sums 0 and so keeps 0 (public code)
+    inner = _over_ranks(sums[:, 0] / sums[:, 1].clamp_min(1.0), sums[:, 1])
     return -lr * inner, inner, val_loss
 
 

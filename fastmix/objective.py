@@ -36,8 +36,8 @@ from fastmix.data import Corpus, Pair, SourceSpec, _files_under, iter_documents,
 from fastmix.errors import UserError
 from fastmix.optimizer import validate_weights
 from fastmix.sampling import Batch, eval_windows
+from fastmix.schema import positive_int
 from fastmix.train import token_losses
-
 
 SPLITS = ("val", "test")
 
@@ -66,8 +66,7 @@ class Objective:
     def __init__(self, corpus: Corpus, batch_size: int = 16, split: str = "val"):
         if split not in SPLITS:
             raise UserError(f"objective split '{split}' is unknown: use one of {SPLITS}.")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise UserError(f"objective.batch_size={batch_size!r} is not allowed: an integer >= 1.")
+        positive_int("objective.batch_size", batch_size)
         self.corpus, self.batch_size, self.split = corpus, batch_size, split
         self._rows: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = {}
         self._held_out: Objective | None = None
@@ -156,16 +155,11 @@ class Objective:
         return {"name": self.name, "weights": self.weights, "split": self.split}
 
 
-def _check_cap(key: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"objective.{key}={value!r} is not allowed: an integer >= 1.")
-
-
 class ValidationObjective(Objective):
     def __init__(self, corpus: Corpus, name: str = "val", weights: dict[str, float] | None = None,
                  max_tokens_per_source: int = 16384, batch_size: int = 16, split: str = "val"):
         super().__init__(corpus, batch_size, split)
-        _check_cap("max_tokens_per_source", max_tokens_per_source)
+        positive_int("objective.max_tokens_per_source", max_tokens_per_source)
         self.name, self.max_tokens = name, max_tokens_per_source
         if weights:
             unknown = sorted(set(weights) - set(corpus.sources))
@@ -191,7 +185,7 @@ class TextFileObjective(Objective):
     def __init__(self, corpus: Corpus, path: str, name: str = "text", max_tokens_per_source: int = 65536,
                  batch_size: int = 16, split: str = "val"):
         super().__init__(corpus, batch_size, split)
-        _check_cap("max_tokens_per_source", max_tokens_per_source)
+        positive_int("objective.max_tokens_per_source", max_tokens_per_source)
         p = abspath(path)
         if not p.exists():
             raise UserError(f"objective.path {p} does not exist: give a .txt/.jsonl file or a folder of them.")
@@ -220,8 +214,8 @@ class QAObjective(Objective):
                  max_pairs: int = 512, max_tokens_per_source: int = 1 << 20, batch_size: int = 16,
                  split: str = "val"):
         super().__init__(corpus, batch_size, split)
-        _check_cap("max_pairs", max_pairs)
-        _check_cap("max_tokens_per_source", max_tokens_per_source)
+        positive_int("objective.max_pairs", max_pairs)
+        positive_int("objective.max_tokens_per_source", max_tokens_per_source)
         if (path is None) == (source is None):
             raise UserError("objective=qa needs exactly one of objective.path (a JSONL of "
                             "{prompt, answer} rows) or objective.source (a post-training source).")

@@ -138,6 +138,9 @@ def run_config(cfg) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(RunSchema), cfg)
 
 
+NULL_OR_COUNT = "null or an integer >= 1"
+
+
 def _fail(key: str, value, allowed: str) -> UserError:
     return UserError(f"{key}={value!r} is not allowed: {allowed}.")
 
@@ -197,24 +200,25 @@ def check_device(name: str) -> None:
 def check(cfg: DictConfig) -> None:
     """Every covered value of a composed job config; raises `UserError` on the first bad one."""
     _check_fields(TopSchema, OmegaConf.create({k: cfg.get(k) for k in ("seed", "threads", "device")}), "")
-    if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
-        raise _fail("threads", cfg.threads, "null (every core) or an integer >= 1")
+    if cfg.threads is not None:
+        positive_int("threads", cfg.threads, "null (every core) or an integer >= 1")
     check_device(str(cfg.device))
     for group in ("proxy", "train"):
         _check_fields(RunSchema, cfg[group], group)
     _check_fields(TokenizerSchema, cfg.data.tokenizer, "data.tokenizer")
     _check_fields(SplitsSchema, cfg.data.splits, "data.splits")
     if cfg.data.get("max_bytes_per_source") is not None:
-        _positive_int("data.max_bytes_per_source", cfg.data.max_bytes_per_source)
+        positive_int("data.max_bytes_per_source", cfg.data.max_bytes_per_source, NULL_OR_COUNT)
     _check_fields(EvalSchema, cfg.eval, "eval")
     if cfg.eval.get("limit") is not None:
-        _positive_int("eval.limit", cfg.eval.limit)
+        positive_int("eval.limit", cfg.eval.limit, NULL_OR_COUNT)
     if cfg.executor.name in EXECUTOR_SCHEMAS:
         _check_fields(EXECUTOR_SCHEMAS[cfg.executor.name], cfg.executor, "executor")
         if cfg.executor.get("workers") is not None:
-            _positive_int("executor.workers", cfg.executor.workers)
+            positive_int("executor.workers", cfg.executor.workers, NULL_OR_COUNT)
 
 
-def _positive_int(key: str, value) -> None:
+def positive_int(key: str, value, allowed: str = "an integer >= 1") -> None:
+    """The check of a count a schema cannot type (null allowed there, or a class's argument)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _fail(key, value, "null or an integer >= 1")
+        raise _fail(key, value, allowed)
