@@ -33,6 +33,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -194,9 +196,33 @@ def planned_steps(cfg, world: int = 1, context: int | None = None) -> int:
     return max(1, math.ceil(cfg.tokens / (cfg.batch_size * world * cfg.grad_accum * context)))
 
 
+# the signals SLURM and Submitit send to stop a job (USR2 before the time limit, TERM
+# on preemption); Submitit's handlers checkpoint and exit from inside whatever runs
+_STOP_SIGNALS = {signal.SIGUSR2, signal.SIGTERM}
+
+
 def _atomic_save(obj, path: Path) -> None:
-    with atomic_file(path, "wb") as fh:
-        torch.save(obj, fh)
+    """torch.save through atomic_file, with the stop signals held until the file is
+    whole. A handler that exits in the middle of torch.save leaves its zip writer
+    half done, and the writer's own error then replaces the exit: the job failed
+    instead of being requeued (seen in CI). A held signal goes to its handler on return."""
+    # Handlers, not the signal mask: the kernel hands a process-directed signal to any
+    # thread not blocking it (torch's pool threads), so masking this thread holds nothing.
+    # signal.signal works only in the main thread; elsewhere no handler of ours runs anyway.
+    if threading.current_thread() is not threading.main_thread():
+        with atomic_file(path, "wb") as fh:
+            torch.save(obj, fh)
+        return
+    held: list[int] = []
+    old = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in _STOP_SIGNALS}
+    try:
+        with atomic_file(path, "wb") as fh:
+            torch.save(obj, fh)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    for sig in held:
+        signal.raise_signal(sig)  # to the handler just restored (the default one stops us)
 
 
 class Trainer:

@@ -158,3 +158,34 @@ def test_fused_and_plain_training_agree(tmp_path):
                            tmp_path / str(fused), progress=False).train()
         losses[fused] = last["loss"]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_stop_signal_during_checkpoint_write_waits_for_a_whole_file(tmp_path, monkeypatch):
+    """SLURM's USR2 arriving while torch.save writes: the handler (Submitit's exits to
+    requeue) runs once the file is whole, so the resume point is there and loadable.
+    Without the hold, the exit fires inside torch.save and the file is never written."""
+    import os
+    import signal
+
+    import fastmix.train as train_mod
+
+    real_save = torch.save
+
+    def save_then_signal(obj, fh):
+        os.kill(os.getpid(), signal.SIGUSR2)  # delivered at once unless held
+        real_save(obj, fh)
+
+    def exit_like_submitit(signum, frame):
+        raise SystemExit(144)
+
+    old = signal.signal(signal.SIGUSR2, exit_like_submitit)
+    monkeypatch.setattr(train_mod.torch, "save", save_then_signal)
+    try:
+        with pytest.raises(SystemExit):
+            train_mod._atomic_save({"w": torch.arange(1000.0)}, tmp_path / "checkpoint.pt")
+        assert signal.getsignal(signal.SIGUSR2) is exit_like_submitit  # the handler is back
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert torch.equal(state["w"], torch.arange(1000.0))
