@@ -103,6 +103,9 @@ class Submitit:
         if cluster == "slurm" and shutil.which("sbatch") is None:
             raise UserError("executor=slurm needs SLURM's `sbatch` on PATH; on one machine use "
                             "executor=local, or executor=slurm executor.cluster=local.")
+        if cluster == "slurm":
+            from fastmix.slurm import watch_with_squeue
+            watch_with_squeue()
         self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
         params: dict[str, Any] = {"timeout_min": int(timeout_min), "cpus_per_task": int(cpus_per_unit),
                                   "mem_gb": mem_gb, "tasks_per_node": 1, "nodes": 1}

@@ -173,3 +173,22 @@ def test_preempted_proxy_task_is_requeued_and_resumes(setup, tmp_path):
     assert "checkpoint" in log.lower() and "requeu" in log.lower(), log[-3000:]
     assert steps_before > 0 and not (out / "checkpoint.pt").exists()
     assert rec["objective"] == ref["objective"] and rec["cost"]["tokens"] == ref["cost"]["tokens"]
+
+
+def test_squeue_watcher_reads_states_as_submitit_does():
+    """Where SLURM keeps no accounting, job states come from squeue: the command asks
+    for every job Submitit waits on, array tasks one per line; the answer reads as
+    sacct's would, and a live job's passing flag reads as running, not finished."""
+    from fastmix.slurm import SqueueWatcher
+    w = SqueueWatcher(delay_s=60)
+    assert w._make_command() is None  # nothing to wait on
+    for job in ("12_0", "12_1", "13"):
+        w.register_job(job)
+    cmd = w._make_command()
+    assert cmd[:5] == ["squeue", "--states=all", "--array", "--noheader", "--format=%i|%T|%N"]
+    assert cmd[5] == "--jobs" and set(cmd[6].split(",")) == {"12", "13"}
+    info = w.read_info(b"12_0|COMPLETED|vm\n12_1|SIGNALING|vm\n13|PENDING|\n14_[2-3]|PENDING|\n")
+    assert info["12_0"]["State"] == "COMPLETED" and info["13"]["State"] == "PENDING"
+    assert info["12_1"]["State"] == "RUNNING" and info["14_3"]["State"] == "PENDING"
+    w._info_dict.update(info)
+    assert w.is_done("12_0", mode="cache") and not w.is_done("12_1", mode="cache")

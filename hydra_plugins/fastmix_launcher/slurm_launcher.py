@@ -1,0 +1,65 @@
+"""`hydra/launcher=slurm` (conf/hydra/launcher/slurm.yaml): Hydra's submitit_slurm
+launcher, except that a job whose folder already has DONE is not submitted. A
+re-run of a finished sweep then submits nothing, and a re-run of a half-finished
+one only what is left (on a busy cluster every submitted job waits in the queue,
+only to find DONE). Where SLURM keeps no accounting, job states come from squeue
+(fastmix.slurm). Hydra imports every module under hydra_plugins at start-up, so
+this one imports the suite only when it launches.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as HydraSlurmLauncher
+from omegaconf import OmegaConf, open_dict
+
+log = logging.getLogger("slurm")
+
+
+class SlurmLauncher(HydraSlurmLauncher):
+    """Jobs with DONE are reported as skipped without being submitted; the rest go
+    as one array, as Hydra's launcher sends them."""
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from fastmix import records, sweep
+        from fastmix.slurm import watch_with_squeue
+
+        watch_with_squeue()
+        dirs = [self._job_dir(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)]
+        if dirs[0] is None:  # the folder depends on the job's number: submit all, each checks DONE itself
+            return super().launch(job_overrides, initial_job_idx)
+        todo = [i for i, d in enumerate(dirs) if not records.is_done(d)]
+        for i in sorted(set(range(len(dirs))) - set(todo)):
+            log.info("skipped: %s has DONE (not submitted)", dirs[i])
+            sweep.write_status(dirs[i], "skipped")
+        returns: list[JobReturn | None] = [None] * len(dirs)
+        if todo:
+            # numbering by position is fine: the folders do not depend on it (checked above)
+            for i, r in zip(todo, super().launch([job_overrides[i] for i in todo], initial_job_idx)):
+                returns[i] = r
+        for i, d in enumerate(dirs):
+            if returns[i] is None:
+                returns[i] = JobReturn(overrides=list(job_overrides[i]), working_dir=str(d), task_name="run",
+                                       status=JobStatus.COMPLETED, _return_value="skipped")
+        return returns
+
+    def _job_dir(self, overrides: list[str], num: int) -> Path | None:
+        """The job's folder, resolved here as Hydra's run_job resolves it in the job;
+        None when it depends on the job's number or id (a re-run numbers jobs anew)."""
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]  # as written
+        if any(k in str(subdir) for k in ("hydra.job.num", "hydra.job.id")):
+            return None
+        with open_dict(cfg.hydra.job):
+            cfg.hydra.job.num = num
+        hc = HydraConfig.instance()
+        old = hc.cfg
+        hc.set_config(cfg)
+        try:
+            return Path(str(cfg.hydra.sweep.dir), str(cfg.hydra.sweep.subdir)).absolute()
+        finally:
+            hc.cfg = old
