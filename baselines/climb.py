@@ -38,11 +38,16 @@ held-out share and the generator's parameters (RegMix's published ones).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 from baselines.proxy_search import (
     GENERATOR_DEFAULTS,
+    REGRESSORS,
     Regressor,
+    ScaledParams,
     check_generator,
     dirichlet_mixtures,
     pick_preset,
@@ -53,6 +58,7 @@ from baselines.proxy_search import (
 from fastmix.cost import Cost, device_name
 from fastmix.errors import UserError
 from fastmix.optimizer import SearchContext, SearchResult
+from fastmix.schema import rule
 
 
 def select_candidates(predicted: np.ndarray, n: int, pool_factor: float,
@@ -92,8 +98,34 @@ class Standardised:
         return self.reg.predict(X) * self.std + self.mean
 
 
+def _rounds_ok(rounds) -> bool:
+    return bool(rounds) and rounds[0] >= 2 and min(rounds) >= 1
+
+
+@dataclass
+class Preset:
+    rounds: list[int] = rule(check=(_rounds_ok, "proxies per round, the first >= 2 (a predictor needs 2 runs), "
+                                                "e.g. [64, 32, 16]"))
+    n_candidates: int = rule(ge=1)
+    output_top_k: int = rule(ge=1)
+    min_child_samples: int = rule(ge=1)
+
+
 class Climb:
     name = "climb"
+
+    @dataclass
+    class Params(ScaledParams):
+        """conf/optimizer/climb.yaml: types and allowed values (the YAML has the values)."""
+        paper: Preset = rule()
+        demo: Preset = rule()
+        smoke: Preset = rule()
+        explore_pool: float = rule(ge=1)  # 1 = keep the top n
+        regressor: str = rule(choices=REGRESSORS)
+        early_stopping_rounds: int = rule(ge=0)  # 0 = off
+        early_stopping_holdout: float = rule(ge=0, lt=1)
+        lightgbm: Any = rule()  # LGBMRegressor's own parameters
+        clustering: Any = rule()  # baselines.clustering.cluster_corpus's arguments and `enabled`
 
     def __init__(self, scale: str = "demo", paper: dict | None = None, demo: dict | None = None,
                  smoke: dict | None = None, regressor: str = "lightgbm", lightgbm: dict | None = None,

@@ -49,12 +49,15 @@ second round only).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from baselines.proxy_search import (
     Regressor,
+    ScaledParams,
     as_prior,
     finish_mixtures,
     pick_preset,
@@ -65,6 +68,7 @@ from baselines.proxy_search import (
 from fastmix.cost import Cost
 from fastmix.errors import UserError
 from fastmix.optimizer import SearchContext, SearchResult
+from fastmix.schema import rule
 
 # sample.py's constants; the YAML repeats them with their sources
 GENERATOR_DEFAULTS = dict(temperature=0.7, min_strength=0.5, max_strength=5.0, n_strengths=15, max_usage=4.0,
@@ -223,8 +227,39 @@ def _check_generator(g: dict) -> dict:
     return g
 
 
+@dataclass
+class Preset:
+    n0: int = rule(ge=2)  # the predictor's first fit needs 2 mixtures
+    n_candidates: int = rule(ge=1)
+    pool_draws: int = rule(ge=1)
+    top_k: int = rule(ge=1)
+    component_fraction: float = rule(gt=0, le=1)
+    rank_check: int = rule(ge=0, check=(lambda n: n != 1, "0 (off) or >= 2 (a rank correlation)"))
+
+
 class DeMix:
     name = "demix"
+
+    @dataclass
+    class Params(ScaledParams):
+        """conf/optimizer/demix.yaml: types and allowed values (the YAML has the values)."""
+        paper: Preset = rule()
+        demo: Preset = rule()
+        smoke: Preset = rule()
+        score: str = rule(choices=("objective", "suite"))
+        rounds: int = rule(ge=1)
+        base: str = rule(choices=("natural", "uniform"))
+        base_tokens: Optional[int] = rule(ge=1)  # null = the proxy config's tokens
+        component_tokens: Optional[int] = rule(ge=1)  # null = component_fraction x the base's
+        component_lr_scale: float = rule(gt=0)
+        component_warmup_steps: Optional[int] = rule(ge=0)
+        rank_check_threshold: float = rule(ge=-1, le=1)  # a Spearman rho
+        regressor: str = rule(choices=("auto", "ridge", "lightgbm"))
+        ridge_max_n0: int = rule(ge=1)
+        ridge_alpha: float = rule(ge=0)
+        lightgbm: Any = rule()  # LGBMRegressor's own parameters
+        score_output: bool = rule()
+        cap_mode: str = rule(choices=("waterfill", "sequential"))
 
     def __init__(self, scale: str = "demo", paper: dict | None = None, demo: dict | None = None,
                  smoke: dict | None = None, base: str = "natural", base_tokens: int | None = None,

@@ -49,14 +49,15 @@ renormalisation).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from fastmix import distributed
-from fastmix.errors import UserError
 from fastmix.models import flop_params
 from fastmix.optimizer import SearchContext, SearchResult
 from fastmix.sampling import Batch
+from fastmix.schema import MethodParams, rule
 from fastmix.train import HookContext, StepInfo, token_losses
 
 
@@ -189,20 +190,19 @@ class DoReMiHook:
 class DoReMi:
     name = "doremi"
 
+    @dataclass
+    class Params(MethodParams):
+        """conf/optimizer/doremi.yaml: types and allowed values (the YAML has the values)."""
+        reference: str = rule(choices=("natural", "uniform"))
+        eta: float = rule(gt=0)
+        smoothing: float = rule(ge=0, le=1)
+        update_every: str = rule(choices=("step", "micro_batch"))
+        absent: str = rule(choices=("carry", "zero"))
+        trace_every: int = rule(ge=1)
+
     def __init__(self, reference: str = "natural", eta: float = 1.0, smoothing: float = 1e-3,
                  update_every: str = "step", absent: str = "carry", trace_every: int = 10):
-        if reference not in ("natural", "uniform"):
-            raise UserError(f"optimizer.reference '{reference}' is unknown: use natural or uniform.")
-        if update_every not in ("step", "micro_batch"):
-            raise UserError(f"optimizer.update_every '{update_every}' is unknown: use step or micro_batch.")
-        if absent not in ("carry", "zero"):
-            raise UserError(f"optimizer.absent '{absent}' is unknown: use carry or zero.")
-        if not (eta > 0 and math.isfinite(eta)):
-            raise UserError(f"optimizer.eta must be a finite number > 0, got {eta}.")
-        if not 0 <= smoothing <= 1:
-            raise UserError(f"optimizer.smoothing must be in [0, 1], got {smoothing}.")
-        if trace_every < 1:
-            raise UserError(f"optimizer.trace_every must be >= 1, got {trace_every}.")
+        # values checked against Params when the job starts (fastmix.schema.check_params)
         self.reference, self.eta, self.smoothing = reference, eta, smoothing
         self.update_every, self.absent, self.trace_every = update_every, absent, trace_every
 

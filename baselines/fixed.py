@@ -2,12 +2,20 @@
 to train and score a mixture found elsewhere or published in a paper."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Dict, Optional
+
 from fastmix.errors import UserError
 from fastmix.optimizer import SearchContext, SearchResult, validate_weights
+from fastmix.schema import MethodParams, rule
 
 
 class Fixed:
     name = "fixed"
+
+    @dataclass
+    class Params(MethodParams):
+        weights: Optional[Dict[str, float]] = rule()  # {source: weight}; checked against the sources in search
 
     def __init__(self, weights: dict[str, float] | None = None):
         self.weights = dict(weights or {})

@@ -57,7 +57,8 @@ near 1, so it never fires.
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -66,6 +67,7 @@ from fastmix.errors import UserError
 from fastmix.models import flop_params
 from fastmix.optimizer import SearchContext, SearchResult
 from fastmix.sampling import Batch
+from fastmix.schema import MethodParams, rule
 from fastmix.train import token_losses
 
 STOP_RULES = ("gap", "centered", "raw")
@@ -257,23 +259,22 @@ def stack_rows(per_source: list[dict], group_weights: dict[str, float], pick: di
 class MixMin:
     name = "mixmin"
 
+    @dataclass
+    class Params(MethodParams):
+        """conf/optimizer/mixmin.yaml: types and allowed values (the YAML has the values)."""
+        eta: float = rule(gt=0)
+        step: str = rule(choices=STEPS)
+        max_steps: int = rule(ge=1)
+        tol: float = rule(ge=0)
+        stop_rule: str = rule(choices=STOP_RULES)
+        holdout: float = rule(ge=0, lt=1)
+        proxy_tokens: Optional[int] = rule(ge=1)  # null = the proxy config's tokens
+        batch_size: Optional[int] = rule(ge=1)  # null = the objective's batch_size
+
     def __init__(self, eta: float = 1.0, step: str = "length", max_steps: int = 2000, tol: float = 1e-5,
                  stop_rule: str = "gap", holdout: float = 0.2, proxy_tokens: int | None = None,
                  batch_size: int | None = None):
-        if not (math.isfinite(eta) and eta > 0):
-            raise UserError(f"optimizer.eta must be a finite number > 0, got {eta}.")
-        if step not in STEPS:
-            raise UserError(f"optimizer.step '{step}' is unknown: use {' or '.join(STEPS)}.")
-        if int(max_steps) < 1:
-            raise UserError(f"optimizer.max_steps must be >= 1, got {max_steps}.")
-        if not tol >= 0:
-            raise UserError(f"optimizer.tol must be >= 0, got {tol}.")
-        if stop_rule not in STOP_RULES:
-            raise UserError(f"optimizer.stop_rule '{stop_rule}' is unknown: use {', '.join(STOP_RULES)}.")
-        if not 0 <= holdout < 1:
-            raise UserError(f"optimizer.holdout must be in [0, 1), got {holdout}.")
-        if proxy_tokens is not None and int(proxy_tokens) < 1:
-            raise UserError(f"optimizer.proxy_tokens must be >= 1 or null, got {proxy_tokens}.")
+        # values checked against Params when the job starts (fastmix.schema.check_params)
         self.eta, self.step, self.max_steps, self.tol, self.stop_rule = (float(eta), step, int(max_steps),
                                                                          float(tol), stop_rule)
         self.holdout = float(holdout)

@@ -3,10 +3,12 @@ DoReMi's baseline). Counted with the suite's tokenizer on the train split."""
 from __future__ import annotations
 
 from fastmix.optimizer import SearchContext, SearchResult
+from fastmix.schema import MethodParams
 
 
 class Natural:
     name = "natural"
+    Params = MethodParams  # nothing to set
 
     def search(self, ctx: SearchContext) -> SearchResult:
         return SearchResult(ctx.token_share(), info={"train_tokens": ctx.corpus.token_counts("train")})

@@ -32,7 +32,9 @@ import hashlib
 import itertools
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -40,6 +42,7 @@ from omegaconf import OmegaConf
 from fastmix.config import abspath
 from fastmix.errors import UserError
 from fastmix.optimizer import SearchContext, SearchResult
+from fastmix.schema import MethodParams, rule
 
 
 def simplex_grid(k: int, resolution: int) -> list[tuple[int, ...]]:
@@ -56,12 +59,17 @@ def simplex_grid(k: int, resolution: int) -> list[tuple[int, ...]]:
 class Oracle:
     name = "oracle"
 
+    @dataclass
+    class Params(MethodParams):
+        """conf/optimizer/oracle.yaml, whose values come from the top-level `oracle:` node."""
+        resolution: int = rule(ge=1)  # R: weights in steps of 1/R
+        grid_dir: Optional[str] = rule()
+        grid_seed: int = rule(ge=0)
+        noise_seeds: int = rule(ge=0)
+
     def __init__(self, resolution: int = 10, grid_dir: str | None = None, grid_seed: int = 0,
                  noise_seeds: int = 2):
-        if int(resolution) < 1:
-            raise UserError(f"oracle.resolution must be an integer >= 1 (weights in steps of 1/R), got {resolution}.")
-        if int(noise_seeds) < 0:
-            raise UserError(f"oracle.noise_seeds must be >= 0, got {noise_seeds}.")
+        # values checked against Params when the job starts (fastmix.schema.check_params)
         self.resolution, self.grid_seed, self.noise_seeds = int(resolution), int(grid_seed), int(noise_seeds)
         self.grid_dir = grid_dir
 

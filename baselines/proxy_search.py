@@ -7,15 +7,33 @@ used first, in baselines/regmix.py.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from fastmix.errors import UserError
+from fastmix.schema import MethodParams, rule
 
 SCALES = ("smoke", "demo", "paper")
 REGRESSORS = ("lightgbm", "linear")
 # synthesize_mixture.py's constants; the YAML repeats them with their sources
 GENERATOR_DEFAULTS = dict(temperature=0.5, min_strength=0.1, max_strength=5.0, n_strengths=15,
                           max_usage=15.0, minimum=2e-4, sample_multiplier=100)
+
+
+@dataclass
+class ScaledParams(MethodParams):
+    """The keys RegMix, CLIMB and DeMix share: the scale preset in use (each method
+    types its presets `paper`, `demo`, `smoke`) and the Dirichlet generator's
+    settings (synthesize_mixture.py's constants; DeMix's sample.py has the same)."""
+    scale: str = rule(choices=SCALES)
+    temperature: float = rule(gt=0)
+    min_strength: float = rule(gt=0)
+    max_strength: float = rule(gt=0)
+    n_strengths: int = rule(ge=1)
+    max_usage: float = rule(gt=0)
+    minimum: float = rule(ge=0, lt=0.5)
+    sample_multiplier: int = rule(ge=1)
 
 
 def pick_preset(method: str, scale: str, presets: dict, required: tuple[str, ...]) -> dict:
@@ -42,9 +60,9 @@ def check_generator(**g) -> dict:
     if unknown:
         raise UserError(f"unknown optimizer keys {unknown}; the generator takes {sorted(_RULES)}.")
     g = {k: int(v) if k in ("n_strengths", "sample_multiplier") else float(v) for k, v in g.items()}
-    for key, (ok, rule) in _RULES.items():
+    for key, (ok, what) in _RULES.items():
         if not ok(g[key]):
-            raise UserError(f"optimizer.{key} is {g[key]}; it must be {rule} "
+            raise UserError(f"optimizer.{key} is {g[key]}; it must be {what} "
                             f"(published {GENERATOR_DEFAULTS[key]}).")
     if g["min_strength"] > g["max_strength"]:
         raise UserError(f"optimizer.min_strength {g['min_strength']} > max_strength {g['max_strength']}.")

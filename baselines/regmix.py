@@ -32,11 +32,16 @@ the notebook on recorded runs.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 from baselines.proxy_search import (
     GENERATOR_DEFAULTS,
+    REGRESSORS,
     Regressor,
+    ScaledParams,
     as_prior,
     check_generator,
     dirichlet_mixtures,
@@ -47,10 +52,31 @@ from baselines.proxy_search import (
 )
 from fastmix.errors import UserError
 from fastmix.optimizer import SearchContext, SearchResult
+from fastmix.schema import rule
+
+
+@dataclass
+class Preset:
+    n_proxies: int = rule(ge=2)  # a regression needs 2 runs
+    n_candidates: int = rule(ge=1)
+    top_k: int = rule(ge=1)
+    min_child_samples: int = rule(ge=1)
 
 
 class RegMix:
     name = "regmix"
+
+    @dataclass
+    class Params(ScaledParams):
+        """conf/optimizer/regmix.yaml: types and allowed values (the YAML has the values)."""
+        paper: Preset = rule()
+        demo: Preset = rule()
+        smoke: Preset = rule()
+        regressor: str = rule(choices=REGRESSORS)
+        lightgbm: Any = rule()  # LGBMRegressor's own parameters
+        early_stopping_rounds: int = rule(ge=0)
+        early_stopping_holdout: float = rule(ge=0, lt=1)
+        simulation: str = rule(choices=("generator", "notebook"))
 
     def __init__(self, scale: str = "demo", paper: dict | None = None, demo: dict | None = None,
                  smoke: dict | None = None, regressor: str = "lightgbm", lightgbm: dict | None = None,

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from fastmix.optimizer import SearchContext, SearchResult
+from fastmix.schema import MethodParams
 
 
 class Uniform:
     name = "uniform"
+    Params = MethodParams  # nothing to set
 
     def search(self, ctx: SearchContext) -> SearchResult:
         return SearchResult({s: 1.0 / len(ctx.sources) for s in ctx.sources})

@@ -16,13 +16,15 @@ import os
 import shutil
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from tqdm.auto import tqdm
 
 from fastmix.errors import UserError
+from fastmix.schema import MethodParams, rule
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class InProcess:
     """One unit after the other in this process (the default: no start-up cost,
     and the corpus already in memory is reused)."""
     name = "inprocess"
+    Params = MethodParams  # nothing to set
 
     def __init__(self, folder: str | None = None):  # folder: Submitit's log folder, unused here
         pass
@@ -72,6 +75,11 @@ class LocalProcesses:
     (one on CPU: the proxies are too small to use two cores well, and
     oversubscribed threads make CPU training many times slower)."""
     name = "local"
+
+    @dataclass
+    class Params(MethodParams):
+        workers: Optional[int] = rule(ge=1)
+        threads_per_unit: int = rule(ge=1)
 
     def __init__(self, workers: int | None = None, threads_per_unit: int = 1, folder: str | None = None):
         cores = len(os.sched_getaffinity(0))
@@ -95,6 +103,18 @@ class Submitit:
     from config. A requeued or re-submitted task finds its record or checkpoint
     and continues from there."""
     name = "submitit"
+
+    @dataclass
+    class Params(MethodParams):
+        cluster: str = rule(choices=("slurm", "local"))
+        partition: Optional[str] = rule()
+        gpus_per_unit: int = rule(ge=0)
+        cpus_per_unit: int = rule(ge=1)
+        mem_gb: float = rule(gt=0)
+        timeout_min: int = rule(ge=1)
+        array_parallelism: int = rule(ge=1)
+        additional: Any = rule()  # sbatch options as a mapping
+        setup: Any = rule()  # shell lines
 
     def __init__(self, folder: str | Path, cluster: str | None = "slurm", partition: str | None = None,
                  gpus_per_unit: int = 1, cpus_per_unit: int = 4, mem_gb: float = 16, timeout_min: int = 60,

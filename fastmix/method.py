@@ -46,15 +46,17 @@ token-share prior).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from fastmix import distributed
-from fastmix.errors import UserError
 from fastmix.fused_loss import head_gradient, head_gradient_dots
 from fastmix.models import flop_params
 from fastmix.optimizer import SearchContext, SearchResult
+from fastmix.schema import BETAS, MethodParams, rule
 from fastmix.train import (
     HookContext,
     StepInfo,
@@ -220,33 +222,34 @@ def movement_schedule(micro_batches: int, outer_every: int, lr: float, reference
     return T, (lr * reference_outer_steps / steps if steps < reference_outer_steps else lr), steps
 
 
+def _rows_ok(v) -> bool:
+    return v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+
+
 class FastMix:
     name = "fastmix"
+
+    @dataclass
+    class Params(MethodParams):
+        """conf/optimizer/fastmix.yaml: types and allowed values (the YAML has the values)."""
+        outer_every: int = rule(ge=1)
+        lr: float = rule(gt=0)
+        betas: list[float] = rule(check=BETAS)
+        entropy_reg: float = rule(ge=0)
+        grad_params: str = rule(choices=("lm_head", "all"))
+        init: str = rule(choices=("uniform", "prior"))
+        val_batch: str = rule(choices=("fixed", "random"))  # public code's micro-batch // 8 rows | random windows
+        val_rows_per_group: Any = rule(check=(_rows_ok, "auto (the public code's micro-batch // 8) or an "
+                                                        "integer >= 1"))
+        val_batch_size: int = rule(ge=1)
+        scale_rule: str = rule(choices=("movement", "off"))
+        reference_outer_steps: int = rule(ge=1)
 
     def __init__(self, outer_every: int = 20, lr: float = 0.01, betas=(0.9, 0.95), entropy_reg: float = 0.0,
                  grad_params: str = "lm_head", init: str = "uniform", val_batch: str = "fixed",
                  val_rows_per_group: int | str = "auto", val_batch_size: int = 16, scale_rule: str = "movement",
                  reference_outer_steps: int = 1601):
-        if scale_rule not in ("movement", "off"):
-            raise UserError(f"optimizer.scale_rule '{scale_rule}' is unknown: use movement or off.")
-        if val_batch not in ("fixed", "random"):
-            raise UserError(f"optimizer.val_batch '{val_batch}' is unknown: use fixed (the public code's micro-batch // 8 rows "
-                            f"per objective group) or random (val_batch_size random windows).")
-        if grad_params not in ("lm_head", "all"):
-            raise UserError(f"optimizer.grad_params '{grad_params}' is unknown: use lm_head or all.")
-        if init not in ("uniform", "prior"):
-            raise UserError(f"optimizer.init '{init}' is unknown: use uniform or prior.")
-        if outer_every < 1:
-            raise UserError(f"optimizer.outer_every must be >= 1, got {outer_every}.")
-        if not (math.isfinite(lr) and lr > 0):
-            raise UserError(f"optimizer.lr={lr} is not allowed: must be a finite number > 0.")
-        if not (math.isfinite(entropy_reg) and entropy_reg >= 0):
-            raise UserError(f"optimizer.entropy_reg={entropy_reg} is not allowed: must be a finite number >= 0.")
-        if val_rows_per_group != "auto" and (not isinstance(val_rows_per_group, int) or val_rows_per_group < 1):
-            raise UserError(f"optimizer.val_rows_per_group={val_rows_per_group!r}: use auto (the public code's "
-                            f"micro-batch // 8) or an integer >= 1.")
-        if min(val_batch_size, reference_outer_steps) < 1:
-            raise UserError("optimizer.val_batch_size and reference_outer_steps must be >= 1.")
+        # values checked against Params when the job starts (fastmix.schema.check_params)
         self.outer_every, self.lr, self.betas, self.entropy_reg = outer_every, lr, betas, entropy_reg
         self.grad_params, self.init, self.val_batch_size = grad_params, init, val_batch_size
         self.val_batch, self.val_rows_per_group = val_batch, val_rows_per_group

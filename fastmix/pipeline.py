@@ -187,7 +187,7 @@ def proxy_runner(cfg: DictConfig, corpus: Corpus, objective, meter: CostMeter, f
     # Data-parallel ranks train each proxy together, one after the other: fanning out
     # from every rank would run each proxy W times (and the workers would inherit the
     # launcher's variables).
-    executor = build(cfg.executor, folder=str(folder / "submitit")) if distributed.world_size() == 1 else InProcess()
+    executor = build(cfg.executor, "executor", folder=str(folder / "submitit")) if distributed.world_size() == 1 else InProcess()
     unit = ProxyUnit(OmegaConf.to_container(cfg, resolve=True), getattr(executor, "threads", None))
     if executor.name == "inprocess":
         unit._loaded = corpus, objective  # already in memory
@@ -230,10 +230,12 @@ def search_corpus(optimizer, corpus: Corpus, cfg: DictConfig, meter: CostMeter |
         return prepare(corpus, cfg, meter)
 
 
-def build(node: DictConfig, **extra):
+def build(node: DictConfig, group: str = "optimizer", **extra):
     """An object from a flat config group (`_target_`, `name`, its parameters), as
     optimizers and executors are, so a sweep overrides `optimizer.lr=...`; `name` is
-    a label. The object's own bad-input message comes out as itself."""
+    a label. Its values are checked against the class's `Params` first (errors name
+    `group.key`); the object's own bad-input message comes out as itself."""
+    schema.check_params(node, group)
     # resolved here: `scale: ${scale}` points at the job config's root
     params = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"}
     try:

@@ -7,9 +7,11 @@ refuses "abc" for an int); the ranges and choices are field metadata checked
 here. `check(cfg)` runs at the start of every job (fastmix.pipeline.run_job), so
 in a sweep each job reports its own bad value. Covered so far: the top level
 (seed, device, threads), the proxy and target training settings (one schema for
-`proxy/` and `train/`), the tokenizer and splits, eval and
-the executors. Schemas for the objectives and each optimizer's parameters are
-still to come (issue 15); those are checked by their own constructors.
+`proxy/` and `train/`), the tokenizer and splits, eval, and every optimizer's and
+executor's parameters (`Params` beside each class, checked by `check_params`,
+which `fastmix.pipeline.build` also runs before it builds one). The objectives
+check their values in their constructors; a method checks there what ties
+several keys together (top_k <= n_candidates).
 """
 from __future__ import annotations
 
@@ -24,12 +26,21 @@ from omegaconf.errors import OmegaConfBaseException
 from fastmix.errors import UserError
 
 
-def rule(*, ge=None, gt=None, le=None, lt=None, choices=None, default=MISSING, default_factory=None):
-    """A field with its allowed values in the metadata (no default: required)."""
-    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices).items() if v is not None}
+def rule(*, ge=None, gt=None, le=None, lt=None, choices=None, check=None, default=MISSING, default_factory=None):
+    """A field with its allowed values in the metadata (no default: required).
+    `check`: (predicate, what is allowed) for a rule the bounds cannot say."""
+    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices, check=check).items()
+            if v is not None}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _betas_ok(b) -> bool:
+    return len(b) == 2 and all(0 <= x < 1 for x in b)
+
+
+BETAS = (_betas_ok, "two numbers in [0, 1)")  # Adam's betas, for the model and for FastMix's z
 
 
 @dataclass
@@ -57,7 +68,7 @@ class RunSchema:
     schedule: str = rule(choices=("constant", "cosine"), default="cosine")
     min_lr_ratio: float = rule(ge=0, le=1, default=0.1)
     weight_decay: float = rule(ge=0, default=0.0)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = rule(check=BETAS, default_factory=lambda: [0.9, 0.95])
     grad_clip: float = rule(gt=0, default=1.0)
     precision: str = rule(choices=("bf16", "fp32"), default="bf16")
     log_every: int = rule(ge=1, default=10)
@@ -94,29 +105,13 @@ class EvalSchema:
 
 
 @dataclass
-class LocalExecutorSchema:
-    _target_: str = "fastmix.fanout.LocalProcesses"
-    name: str = "local"
-    workers: Any = None
-    threads_per_unit: int = rule(ge=1, default=1)
-
-
-@dataclass
-class SlurmExecutorSchema:
-    _target_: str = "fastmix.fanout.Submitit"
-    name: str = "slurm"
-    cluster: str = rule(choices=("slurm", "local"), default="slurm")
-    partition: Any = None
-    gpus_per_unit: int = rule(ge=0, default=1)
-    cpus_per_unit: int = rule(ge=1, default=4)
-    mem_gb: float = rule(gt=0, default=16.0)
-    timeout_min: int = rule(ge=1, default=60)
-    array_parallelism: int = rule(ge=1, default=64)
-    additional: Any = None
-    setup: Any = None
-
-
-EXECUTOR_SCHEMAS = {"local": LocalExecutorSchema, "slurm": SlurmExecutorSchema}
+class MethodParams:
+    """What every optimizer's and executor's node holds (conf/optimizer/*.yaml,
+    conf/executor/*.yaml): the class to build and its label. Each such class
+    declares `Params`, this plus its own keys: their types and allowed values, no
+    defaults (the YAML holds the published values, each with its source)."""
+    _target_: str = rule()
+    name: str = rule()
 
 
 @dataclass
@@ -152,13 +147,16 @@ def _check_fields(schema_cls, node: DictConfig, prefix: str) -> None:
     try:
         typed = OmegaConf.merge(OmegaConf.structured(schema_cls), node)
     except OmegaConfBaseException as e:
-        full = getattr(e, "full_key", None)
+        full = getattr(e, "full_key", None) or _bad_key(schema_cls, node)
         value = OmegaConf.select(node, str(full)) if full else None
         raise UserError(f"{name(full) if full else prefix}={value!r} is not allowed: "
                         f"{str(e).splitlines()[0]}.") from None
     hints = typing.get_type_hints(schema_cls)
     for f in fields(schema_cls):
-        value, key = typed[f.name], name(f.name)
+        key = name(f.name)
+        if OmegaConf.is_missing(typed, f.name):
+            raise UserError(f"{key} is not set: give it a value (`{key}=...`).")
+        value = typed[f.name]
         if is_dataclass(hints[f.name]):
             _check_fields(hints[f.name], node[f.name], key)
             continue
@@ -170,10 +168,21 @@ def _check_fields(schema_cls, node: DictConfig, prefix: str) -> None:
         for op, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
             if op in m and value is not None and not OPS[op](value, m[op]):
                 raise _fail(key, value, f"must be {word} {m[op]}")
-    if schema_cls is RunSchema:
-        betas = list(typed.betas)
-        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise _fail(name("betas"), betas, "two numbers in [0, 1)")
+        if "check" in m and value is not None:
+            plain = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            if not m["check"][0](plain):
+                raise _fail(key, plain, m["check"][1])
+
+
+def _bad_key(schema_cls, node: DictConfig) -> str | None:
+    """The key whose value the schema refuses, for OmegaConf errors that name none
+    (a list given for a mapping)."""
+    for k in node:
+        try:
+            OmegaConf.merge(OmegaConf.structured(schema_cls), {k: node[k]})
+        except OmegaConfBaseException:
+            return str(k)
+    return None
 
 
 OPS = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b, "lt": lambda v, b: v < b}
@@ -212,10 +221,25 @@ def check(cfg: DictConfig) -> None:
     _check_fields(EvalSchema, cfg.eval, "eval")
     if cfg.eval.get("limit") is not None:
         positive_int("eval.limit", cfg.eval.limit, NULL_OR_COUNT)
-    if cfg.executor.name in EXECUTOR_SCHEMAS:
-        _check_fields(EXECUTOR_SCHEMAS[cfg.executor.name], cfg.executor, "executor")
-        if cfg.executor.get("workers") is not None:
-            positive_int("executor.workers", cfg.executor.workers, NULL_OR_COUNT)
+    check_params(cfg.optimizer, "optimizer")
+    check_params(cfg.executor, "executor")
+
+
+def check_params(node: DictConfig, prefix: str) -> type:
+    """The class a `_target_` node builds (an optimizer, an executor), after its
+    values are checked against the class's `Params`."""
+    from hydra.utils import get_class
+    try:
+        plain = OmegaConf.create(OmegaConf.to_container(node, resolve=True))  # `${scale}` points at the root
+    except OmegaConfBaseException as e:
+        raise UserError(f"{prefix}: {str(e).splitlines()[0]}.") from None
+    target = plain.get("_target_")
+    try:
+        cls = get_class(str(target))
+    except Exception:  # noqa: BLE001 -- Hydra raises ImportError or ValueError, worded for developers
+        raise _fail(f"{prefix}._target_", target, "a class that can be imported (module.Class)") from None
+    _check_fields(cls.Params, plain, prefix)  # every optimizer and executor declares Params
+    return cls
 
 
 def positive_int(key: str, value, allowed: str = "an integer >= 1") -> None:

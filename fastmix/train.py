@@ -51,8 +51,8 @@ from fastmix.cost import Cost, CostMeter
 from fastmix.fused_loss import fused_linear_cross_entropy, tune_malloc
 from fastmix.models import flop_params
 from fastmix.records import atomic_file, write_text_atomic
-from fastmix.schema import run_config
 from fastmix.sampling import Batch, MixtureSampler
+from fastmix.schema import run_config
 
 log = logging.getLogger(__name__)
 

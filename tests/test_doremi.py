@@ -10,7 +10,7 @@ import torch
 from conftest import run_cli
 from omegaconf import OmegaConf
 
-from baselines.doremi import DoReMi, DoReMiHook, entropy, excess_loss_sums
+from baselines.doremi import DoReMiHook, entropy, excess_loss_sums
 from fastmix.cost import CostMeter
 from fastmix.errors import UserError
 from fastmix.models import build_model, flop_params
@@ -119,10 +119,14 @@ def test_absent_zero_and_pooled_step_by_hand():
 
 
 def test_bad_options_are_refused():
-    for kw, word in [({"reference": "best"}, "reference"), ({"update_every": "epoch"}, "update_every"),
-                     ({"absent": "skip"}, "absent"), ({"eta": 0}, "eta"), ({"smoothing": 2}, "smoothing")]:
-        with pytest.raises(UserError, match=word):
-            DoReMi(**kw)
+    from conftest import compose
+
+    from fastmix.pipeline import build
+    for override, word in [("reference=best", "reference"), ("update_every=epoch", "update_every"),
+                           ("absent=skip", "absent"), ("eta=0", "eta"), ("smoothing=2", "smoothing"),
+                           ("trace_every=0", "trace_every"), ("eta=x", "eta")]:
+        with pytest.raises(UserError, match=f"optimizer.{word}="):
+            build(compose(["optimizer=doremi", f"optimizer.{override}"]).optimizer)
 
 
 # ------------------------------------------------- the loop's after-forward path

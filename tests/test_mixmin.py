@@ -283,12 +283,12 @@ def test_group_weights_weight_the_rows_and_the_split_is_stratified():
     assert c.tolist() == [1.0]
 
 
-@pytest.mark.parametrize("kw,key", [({"eta": 0}, "eta"), ({"step": "adam"}, "step"),
-                                    ({"max_steps": 0}, "max_steps"), ({"stop_rule": "grad"}, "stop_rule"),
-                                    ({"holdout": 1.0}, "holdout"), ({"proxy_tokens": 0}, "proxy_tokens")])
-def test_bad_options_are_refused(kw, key):
-    with pytest.raises(UserError, match=key):
-        MixMin(**kw)
+@pytest.mark.parametrize("override", ["eta=0", "step=adam", "max_steps=0", "stop_rule=grad", "holdout=1.0",
+                                      "proxy_tokens=0", "batch_size=0", "tol=-1"])
+def test_bad_options_are_refused(override):
+    from fastmix.pipeline import build
+    with pytest.raises(UserError, match=f"optimizer.{override.split('=')[0]}="):
+        build(compose(["optimizer=mixmin", f"optimizer.{override}"]).optimizer)
 
 
 def test_yaml_builds_ours_and_the_published_values():

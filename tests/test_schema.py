@@ -30,6 +30,18 @@ from fastmix.errors import UserError
     (["executor=slurm", "executor.cluster=pbs"], "executor.cluster='pbs' is not allowed: use one of slurm, local"),
     (["data.splits.val=1.5"], "data.splits.val=1.5 is not allowed: must be < 1"),
     (["data.max_bytes_per_source=-3"], "data.max_bytes_per_source=-3 is not allowed"),
+    # each optimizer's parameters (Params beside its class), the unused scale presets too
+    (["optimizer=regmix", "optimizer.paper.n_proxies=1"], "optimizer.paper.n_proxies=1 is not allowed: must be >= 2"),
+    (["optimizer=climb", "optimizer.demo.rounds=[1,4]"], "optimizer.demo.rounds=[1, 4] is not allowed: proxies"),
+    (["optimizer=demix", "optimizer.smoke.rank_check=1"], "optimizer.smoke.rank_check=1 is not allowed: 0 (off)"),
+    (["optimizer=demix", "optimizer.cap_mode=x"], "optimizer.cap_mode='x' is not allowed"),
+    (["optimizer=regmix", "optimizer.minimum=0.5"], "optimizer.minimum=0.5 is not allowed: must be < 0.5"),
+    (["optimizer=climb", "+optimizer.temprature=0.5"], "optimizer.temprature=0.5 is not allowed: Key 'temprature'"),
+    (["optimizer=fixed", "optimizer.weights=[0.5,0.5]"], "optimizer.weights=[0.5, 0.5] is not allowed"),
+    (["optimizer=oracle", "oracle.resolution=0"], "optimizer.resolution=0 is not allowed: must be >= 1"),
+    (["optimizer=fastmix", "optimizer._target_=fastmix.nothing.Here"], "optimizer._target_='fastmix.nothing.Here'"),
+    (["executor=slurm", "executor.mem_gb=0"], "executor.mem_gb=0.0 is not allowed: must be > 0"),
+    (["optimizer=fastmix", "~optimizer.lr"], "optimizer.lr is not set: give it a value"),
 ])
 def test_bad_values_name_key_value_and_rule(override, message):
     with pytest.raises(UserError) as e:
@@ -47,6 +59,17 @@ def test_shipped_configs_pass(experiment, group):
     """Every experiment with every eval and executor: a preset's keys are allowed
     whichever option is chosen."""
     schema.check(compose([f"experiment={experiment}", *group]))
+
+
+@pytest.mark.parametrize("optimizer", ["fastmix", "regmix", "climb", "doremi", "mixmin", "demix", "natural",
+                                       "uniform", "fixed", "oracle"])
+@pytest.mark.parametrize("scale", ["smoke", "demo", "paper"])
+def test_every_optimizer_yaml_matches_its_params(optimizer, scale):
+    """Every key of conf/optimizer/<name>.yaml is declared by the class's Params and
+    every declared key is set, at every scale; the YAML then builds."""
+    from fastmix.pipeline import build
+    cfg = compose([f"optimizer={optimizer}", f"scale={scale}"])
+    assert schema.check_params(cfg.optimizer, "optimizer").__name__ == type(build(cfg.optimizer)).__name__
 
 
 def test_bad_value_stops_the_job_with_exit_2(smoke_args, tmp_path):
