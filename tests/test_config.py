@@ -52,3 +52,27 @@ def test_every_objective_takes_its_keys_under_every_experiment(experiment, objec
     keys = set(cfg.objective) - {"_target_"} - ({"path"} if objective != "text" else set())
     params = inspect.signature(get_class(cfg.objective._target_).__init__).parameters
     assert keys <= set(params), f"{cfg.objective._target_} does not take {sorted(keys - set(params))}"
+
+
+def test_console_scripts_and_extras_are_installed():
+    """pyproject's console scripts are the `python -m` tools (same exit codes), and
+    `make setup` installs every optional extra (requirements.txt pins them all)."""
+    import re
+    import subprocess
+    import sys
+    import tomllib
+    from pathlib import Path
+    repo = Path(__file__).parents[1]
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    bin_dir = Path(sys.executable).parent
+    for name, target in project["scripts"].items():
+        assert (bin_dir / name).exists(), f"{name} is not installed; run make setup"
+        module, func = target.split(":")
+        assert callable(getattr(__import__(module, fromlist=[func]), func))
+    r = subprocess.run([str(bin_dir / "fastmix-tables"), str(repo / "no-such-sweep")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "no-such-sweep" in r.stderr
+    pinned = {re.split(r"[=<>\[ ]", line)[0].lower() for line in (repo / "requirements.txt").read_text().splitlines()
+              if line and not line.startswith("#")}
+    for extra, deps in project["optional-dependencies"].items():
+        for dep in deps:
+            assert re.split(r"[=<>\[ ]", dep)[0].lower() in pinned, f"extra {extra}: {dep} not in requirements.txt"

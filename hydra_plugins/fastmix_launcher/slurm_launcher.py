@@ -14,8 +14,12 @@ from typing import Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as HydraSlurmLauncher
 from omegaconf import OmegaConf, open_dict
+
+try:
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as HydraSlurmLauncher
+except ImportError:  # the `cluster` extra is absent: a plain class, so Hydra's plugin scan stays quiet;
+    HydraSlurmLauncher = object  # hydra/launcher=slurm then stops at its `submitit_slurm` default
 
 log = logging.getLogger("slurm")
 
