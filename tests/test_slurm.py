@@ -105,11 +105,14 @@ def _restarts(job_id: str) -> int:
     return int(_job(job_id).get("Restarts", 0))
 
 
-def _release_requeued(job_id: str) -> None:
+def _release_requeued(job_id: str, scancel: subprocess.Popen) -> None:
     """SLURM holds a requeued job for two minutes (BeginTime = requeue + 121 s, seen
-    with 22.05); start it now, as the node is free."""
+    with 22.05); start it now, as the node is free. scancel is stopped first: still
+    retrying, it would send USR2 to the new run too, which then fails."""
     j = _job(job_id)
     if int(j.get("Restarts", 0)) >= 1 and j.get("JobState") == "PENDING" and j.get("Reason") == "BeginTime":
+        scancel.kill()
+        scancel.wait()
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
 
 
@@ -126,7 +129,7 @@ def _run_preempted(args: list[str], cwd: Path, watch: Path, pattern: str, task: 
         scancel = _preempt(job + task)
         end = time.time() + 600
         while proc.poll() is None and time.time() < end:
-            _release_requeued(job + task)
+            _release_requeued(job + task, scancel)
             time.sleep(0.5)
         out, _ = proc.communicate(timeout=60)
     finally:
