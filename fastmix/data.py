@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from fastmix.config import abspath
 from fastmix.errors import UserError
 from fastmix.records import building_dir
+from fastmix.schema import data_config
 
 SPLITS = ("train", "val", "test")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -64,12 +65,13 @@ def _files_under(path: Path) -> list[Path]:
 
 def discover_sources(data_cfg) -> dict[str, SourceSpec]:
     """Source specs from a `data` config; errors name the path or source to fix."""
-    kind, text_field = data_cfg.kind, data_cfg.get("text_field", "text")
+    data_cfg = data_config(data_cfg)
+    kind, text_field = data_cfg.kind, data_cfg.text_field
     specs: dict[str, SourceSpec] = {}
     if kind == "folder":
-        root = abspath(data_cfg.root) if data_cfg.get("root") else None
+        root = abspath(data_cfg.root) if data_cfg.root else None
         if root is None or not root.is_dir():
-            hint = ("build it with `make corpus`" if data_cfg.get("name") == "embedded"
+            hint = ("build it with `make corpus`" if data_cfg.name == "embedded"
                     else "pass data.root=/path/to/dir holding one subfolder per source")
             raise UserError(f"data.root {'is not set' if root is None else f'{root} is not a directory'}: {hint}.")
         for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -78,7 +80,7 @@ def discover_sources(data_cfg) -> dict[str, SourceSpec]:
             raise UserError(f"data.root {root} has no source subfolders: make one subfolder "
                             f"per source holding {'/'.join(TEXT_SUFFIXES)} files.")
     elif kind == "files":
-        root = data_cfg.get("root")  # relative file paths are under data.root when it is set
+        root = data_cfg.root  # relative file paths are under data.root when it is set
         for name, paths in (data_cfg.files or {}).items():
             files = []
             for entry in ([paths] if isinstance(paths, str) else paths):
@@ -99,7 +101,7 @@ def discover_sources(data_cfg) -> dict[str, SourceSpec]:
     else:
         raise UserError(f"data.kind '{kind}' is unknown: use folder, files or hf.")
 
-    wanted = data_cfg.get("sources")
+    wanted = data_cfg.sources
     if wanted:
         unknown = [s for s in wanted if s not in specs]
         if unknown:
@@ -323,9 +325,9 @@ def _cache_key(specs: dict[str, SourceSpec], data_cfg) -> str:
     tok = data_cfg.tokenizer
     settings = {
         "sources": {n: s.fingerprint() for n, s in specs.items()},
-        "tokenizer": {"kind": tok.kind, "vocab_size": tok.get("vocab_size"),
-                      "path": str(tok.get("path")), "bytes_per_source": tok.get("train_bytes_per_source")},
-        "splits": dict(data_cfg.splits), "max_bytes_per_source": data_cfg.get("max_bytes_per_source"),
+        "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size,
+                      "path": str(tok.path), "bytes_per_source": tok.train_bytes_per_source},
+        "splits": dict(data_cfg.splits), "max_bytes_per_source": data_cfg.max_bytes_per_source,
         "format": 2,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -372,8 +374,9 @@ def write_split(folder: Path, name: str, split: str, flat: np.ndarray, mask: np.
 
 def prepare_corpus(data_cfg) -> Corpus:
     """Tokenize every source once (or reuse the cache) and open the token arrays."""
+    data_cfg = data_config(data_cfg)
     specs = discover_sources(data_cfg)
-    if data_cfg.tokenizer.kind == "pretrained" and not data_cfg.tokenizer.get("path"):
+    if data_cfg.tokenizer.kind == "pretrained" and not data_cfg.tokenizer.path:
         raise UserError("data.tokenizer.path is not set: pass data.tokenizer.path=/path/to/a/local/tokenizer "
                         "folder (Hugging Face format), or use data.tokenizer.kind=bpe.")
     cache_dir = abspath(data_cfg.cache_dir)
@@ -381,7 +384,7 @@ def prepare_corpus(data_cfg) -> Corpus:
     if (root / "meta.json").exists():
         return open_corpus(root)
 
-    docs = {n: cap_documents(iter_documents(s), data_cfg.get("max_bytes_per_source")) for n, s in specs.items()}
+    docs = {n: cap_documents(iter_documents(s), data_cfg.max_bytes_per_source) for n, s in specs.items()}
     for n, d in docs.items():
         if not d:
             raise UserError(f"source '{n}' is empty: no non-empty documents in "

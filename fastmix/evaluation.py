@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 from fastmix.errors import UserError
 from fastmix.models import flop_params
+from fastmix.schema import eval_config
 from fastmix.train import autocast
 
 log = logging.getLogger(__name__)
@@ -87,14 +88,15 @@ def paper14_suite(eval_cfg=None) -> dict:
 def suite_from_config(eval_cfg, corpus) -> dict:
     """The suite an `eval` config asks for: local (generated from the corpus's
     test split, cached), lm_eval (standard task names), or {} for loss-only."""
-    kind = eval_cfg.get("kind", "loss")
+    eval_cfg = eval_config(eval_cfg)
+    kind = eval_cfg.kind
     if kind == "local":
         from fastmix.config import abspath
         from fastmix.tasks import build_local_suite
-        tasks = eval_cfg.get("tasks")
+        tasks = eval_cfg.tasks
         suite = build_local_suite(corpus, abspath(eval_cfg.suite_dir), int(eval_cfg.n_per_task),
-                                  int(eval_cfg.get("seed", 0)), list(tasks) if tasks else None)
-        if eval_cfg.get("metric"):  # one metric for every task instead of each task's own
+                                  int(eval_cfg.seed), list(tasks) if tasks else None)
+        if eval_cfg.metric:  # one metric for every task instead of each task's own
             suite = {t: {**e, "metric": str(eval_cfg.metric)} for t, e in suite.items()}
         return suite
     if kind == "lm_eval":

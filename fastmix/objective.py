@@ -27,6 +27,8 @@ windows (or pairs) alternate between the two, so their tokens are disjoint.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -36,10 +38,18 @@ from fastmix.data import Corpus, Pair, SourceSpec, _files_under, iter_documents,
 from fastmix.errors import UserError
 from fastmix.optimizer import validate_weights
 from fastmix.sampling import Batch, eval_windows
-from fastmix.schema import positive_int
+from fastmix.schema import MethodParams, positive_int, rule
 from fastmix.train import token_losses
 
 SPLITS = ("val", "test")
+
+
+@dataclass
+class ObjectiveParams(MethodParams):
+    """What every conf/objective/*.yaml holds besides its own keys (types and
+    allowed values; the YAML has the values)."""
+    max_tokens_per_source: int = rule(ge=1)  # a preset's cap, whatever the objective
+    batch_size: int = rule(ge=1)  # rows per scoring forward
 
 
 def _windows_with_mask(tokens: np.ndarray, mask: np.ndarray | None, context: int, max_tokens: int):
@@ -156,6 +166,10 @@ class Objective:
 
 
 class ValidationObjective(Objective):
+    @dataclass
+    class Params(ObjectiveParams):
+        weights: Optional[Dict[str, float]] = rule()  # source -> weight; null = every source equally
+
     def __init__(self, corpus: Corpus, name: str = "val", weights: dict[str, float] | None = None,
                  max_tokens_per_source: int = 16384, batch_size: int = 16, split: str = "val"):
         super().__init__(corpus, batch_size, split)
@@ -182,6 +196,10 @@ class ValidationObjective(Objective):
 
 
 class TextFileObjective(Objective):
+    @dataclass
+    class Params(ObjectiveParams):
+        path: str = rule()  # a text file: its windows alternate between val and test
+
     def __init__(self, corpus: Corpus, path: str, name: str = "text", max_tokens_per_source: int = 65536,
                  batch_size: int = 16, split: str = "val"):
         super().__init__(corpus, batch_size, split)
@@ -209,6 +227,12 @@ class TextFileObjective(Objective):
 class QAObjective(Objective):
     """Answer-only loss on prompt/answer pairs, one pair per row (left-truncated
     to the context, right-padded; padding and prompt tokens do not count)."""
+
+    @dataclass
+    class Params(ObjectiveParams):
+        path: Optional[str] = rule()  # a JSONL of prompt/answer pairs; or
+        source: Optional[str] = rule()  # a source whose documents are pairs
+        max_pairs: int = rule(ge=1)
 
     def __init__(self, corpus: Corpus, path: str | None = None, source: str | None = None, name: str = "qa",
                  max_pairs: int = 512, max_tokens_per_source: int = 1 << 20, batch_size: int = 16,

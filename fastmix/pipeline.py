@@ -310,15 +310,16 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
             save_with_tokenizer(target, corpus.tokenizer, run_dir / "model")
 
     # 3. evaluate
+    ev = schema.eval_config(cfg.eval)  # the eval kind's keys with their defaults
     with meter.stage("eval"):
         # every score of the target on the test split; the search read the val split only
-        val_loss = per_source_test_loss(target, corpus, cfg.eval, device, meter, cfg.train.precision)
+        val_loss = per_source_test_loss(target, corpus, ev, device, meter, cfg.train.precision)
         objective_loss = scored.loss(target, device, meter, cfg.train.precision)
-        scores = (evaluate_suite(target, corpus.tokenizer, suite, device, cfg.eval.batch_size, cfg.eval.get("limit"),
+        scores = (evaluate_suite(target, corpus.tokenizer, suite, device, ev.batch_size, ev.limit,
                                  meter, cfg.train.precision) if suite else
                   {"scores": {}, "metrics": {}, "average": None, "results": {}})
         # re-scoring the saved model/ with stock lm-eval: the task folder and the commands
-        rescore = (lm_eval_commands(run_dir / "model", suite, cfg.eval.get("limit"), cfg.eval.batch_size)
+        rescore = (lm_eval_commands(run_dir / "model", suite, ev.limit, ev.batch_size)
                    if suite and cfg.train.keep_model else {})
 
     # 4. record (rank 0: the same numbers on every rank)

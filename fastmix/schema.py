@@ -5,20 +5,20 @@ line naming the key, the value and the rule (a `UserError`: exit 2, no DONE).
 OmegaConf does the typing (`OmegaConf.structured` + merge converts "3" to 3 and
 refuses "abc" for an int); the ranges and choices are field metadata checked
 here. `check(cfg)` runs at the start of every job (fastmix.pipeline.run_job), so
-in a sweep each job reports its own bad value. Covered so far: the top level
-(seed, device, threads), the proxy and target training settings (one schema for
-`proxy/` and `train/`), the tokenizer and splits, eval, and every optimizer's and
-executor's parameters (`Params` beside each class, checked by `check_params`,
-which `fastmix.pipeline.build` also runs before it builds one). The objectives
-check their values in their constructors; a method checks there what ties
-several keys together (top_k <= n_candidates).
+in a sweep each job reports its own bad value. Covered: the top level (seed,
+device, threads), the proxy and target training settings (one schema for
+`proxy/` and `train/`), the data node (`DataSchema`: its kind, paths, caps,
+splits and tokenizer), eval, and every objective's, optimizer's and executor's parameters (`Params` beside
+each class, found by the node's `_target_` and checked by `check_params`, which
+`fastmix.pipeline.build` also runs before it builds one). A class checks in its
+constructor what ties several keys together (top_k <= n_candidates).
 """
 from __future__ import annotations
 
 import math
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -99,15 +99,16 @@ class EvalSchema:
     num_fewshot: Any = None  # lm_eval
     metrics: Any = None  # lm_eval
     batch_size: int = rule(ge=1, default=16)
-    limit: Any = None
+    limit: Optional[int] = rule(ge=1, default=None)  # the first N items of each task (quick runs)
     suite_dir: str = "data/eval_suites"
     test_tokens_per_source: int = rule(ge=1, default=32768)
 
 
 @dataclass
 class MethodParams:
-    """What every optimizer's and executor's node holds (conf/optimizer/*.yaml,
-    conf/executor/*.yaml): the class to build and its label. Each such class
+    """What every objective's, optimizer's and executor's node holds
+    (conf/objective/, conf/optimizer/, conf/executor/): the class to build and its
+    label. Each such class
     declares `Params`, this plus its own keys: their types and allowed values, no
     defaults (the YAML holds the published values, each with its source)."""
     _target_: str = rule()
@@ -121,9 +122,27 @@ class SplitsSchema:
 
 
 @dataclass
+class DataSchema:
+    """conf/data/*.yaml: where the sources are (by `kind`), and how they are capped,
+    split and tokenized. One schema for the three kinds: each reads its own keys
+    (folder: root; files: files, under root; hf: datasets) and the rest are shared."""
+    kind: str = rule(choices=("folder", "files", "hf"))
+    cache_dir: str = rule()
+    name: str = "data"
+    root: Optional[str] = None  # folder: one subfolder per source; files: relative paths are under it
+    files: Any = None  # files: {source: a path or a list of paths}
+    datasets: Any = None  # hf: {source: load_dataset arguments + text_field}
+    sources: Optional[list[str]] = None  # null = every source found
+    text_field: str = "text"  # the text's field in .jsonl/.parquet rows
+    max_bytes_per_source: Optional[int] = rule(ge=1, default=None)  # whole documents up to this
+    splits: SplitsSchema = field(default_factory=SplitsSchema)
+    tokenizer: TokenizerSchema = field(default_factory=TokenizerSchema)
+
+
+@dataclass
 class TopSchema:
     seed: int = rule(ge=0, default=0)
-    threads: Any = None
+    threads: Optional[int] = rule(ge=1, default=None)  # null = every core this process may use
     device: str = "auto"
 
 
@@ -133,7 +152,14 @@ def run_config(cfg) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(RunSchema), cfg)
 
 
-NULL_OR_COUNT = "null or an integer >= 1"
+def data_config(cfg) -> DictConfig:
+    """A data node with `DataSchema`'s defaults for the keys a kind leaves out."""
+    return OmegaConf.merge(OmegaConf.structured(DataSchema), cfg)
+
+
+def eval_config(cfg) -> DictConfig:
+    """An eval node with `EvalSchema`'s defaults for the keys a kind leaves out."""
+    return OmegaConf.merge(OmegaConf.structured(EvalSchema), cfg)
 
 
 def _fail(key: str, value, allowed: str) -> UserError:
@@ -154,20 +180,22 @@ def _check_fields(schema_cls, node: DictConfig, prefix: str) -> None:
     hints = typing.get_type_hints(schema_cls)
     for f in fields(schema_cls):
         key = name(f.name)
-        if OmegaConf.is_missing(typed, f.name):
+        # `???` in the node as well: a merge keeps the schema's default over it
+        if OmegaConf.is_missing(typed, f.name) or (f.name in node.keys() and OmegaConf.is_missing(node, f.name)):
             raise UserError(f"{key} is not set: give it a value (`{key}=...`).")
         value = typed[f.name]
         if is_dataclass(hints[f.name]):
-            _check_fields(hints[f.name], node[f.name], key)
+            _check_fields(hints[f.name], typed[f.name], key)
             continue
         m = f.metadata
         if "choices" in m and value not in m["choices"]:
             raise _fail(key, value, f"use one of {', '.join(m['choices'])}")
         if isinstance(value, float) and not math.isfinite(value):
             raise _fail(key, value, "must be a finite number")
+        nullable = type(None) in typing.get_args(hints[f.name])
         for op, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
             if op in m and value is not None and not OPS[op](value, m[op]):
-                raise _fail(key, value, f"must be {word} {m[op]}")
+                raise _fail(key, value, f"must be {word} {m[op]}" + (" or null" if nullable else ""))
         if "check" in m and value is not None:
             plain = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
             if not m["check"][0](plain):
@@ -209,18 +237,12 @@ def check_device(name: str) -> None:
 def check(cfg: DictConfig) -> None:
     """Every covered value of a composed job config; raises `UserError` on the first bad one."""
     _check_fields(TopSchema, OmegaConf.create({k: cfg.get(k) for k in ("seed", "threads", "device")}), "")
-    if cfg.threads is not None:
-        positive_int("threads", cfg.threads, "null (every core) or an integer >= 1")
     check_device(str(cfg.device))
     for group in ("proxy", "train"):
         _check_fields(RunSchema, cfg[group], group)
-    _check_fields(TokenizerSchema, cfg.data.tokenizer, "data.tokenizer")
-    _check_fields(SplitsSchema, cfg.data.splits, "data.splits")
-    if cfg.data.get("max_bytes_per_source") is not None:
-        positive_int("data.max_bytes_per_source", cfg.data.max_bytes_per_source, NULL_OR_COUNT)
+    _check_fields(DataSchema, cfg.data, "data")
     _check_fields(EvalSchema, cfg.eval, "eval")
-    if cfg.eval.get("limit") is not None:
-        positive_int("eval.limit", cfg.eval.limit, NULL_OR_COUNT)
+    check_params(cfg.objective, "objective")
     check_params(cfg.optimizer, "optimizer")
     check_params(cfg.executor, "executor")
 

@@ -23,7 +23,7 @@ from fastmix.errors import UserError
     (["proxy.betas=[0.9]"], "proxy.betas=[0.9] is not allowed: two numbers in [0, 1)"),
     (["train.batch_size=abc"], "train.batch_size='abc' is not allowed"),
     (["train.precision=fp16"], "train.precision='fp16' is not allowed: use one of bf16, fp32"),
-    (["eval.limit=0"], "eval.limit=0 is not allowed: null or an integer >= 1"),
+    (["eval.limit=0"], "eval.limit=0 is not allowed: must be >= 1 or null"),
     (["eval.batch_size=0"], "eval.batch_size=0 is not allowed: must be >= 1"),
     (["eval.kind=foo"], "eval.kind='foo' is not allowed: use one of local, lm_eval, loss"),
     (["executor=local", "executor.workers=0"], "executor.workers=0 is not allowed"),
@@ -42,6 +42,15 @@ from fastmix.errors import UserError
     (["optimizer=fastmix", "optimizer._target_=fastmix.nothing.Here"], "optimizer._target_='fastmix.nothing.Here'"),
     (["executor=slurm", "executor.mem_gb=0"], "executor.mem_gb=0.0 is not allowed: must be > 0"),
     (["optimizer=fastmix", "~optimizer.lr"], "optimizer.lr is not set: give it a value"),
+    (["data.kind=s3"], "data.kind='s3' is not allowed: use one of folder, files, hf"),
+    (["+data.rooot=/x"], "data.rooot='/x' is not allowed: Key 'rooot'"),
+    (["data=files"], "data.files is not set: give it a value"),
+    (["data.sources=code"], "data.sources='code' is not allowed"),
+    (["data.tokenizer.kind=sentencepiece"], "data.tokenizer.kind='sentencepiece' is not allowed"),
+    (["objective=text"], "objective.path is not set: give it a value"),
+    (["objective.weights=[1,2]"], "objective.weights=[1, 2] is not allowed"),
+    (["objective=qa", "objective.max_pairs=0"], "objective.max_pairs=0 is not allowed: must be >= 1"),
+    (["objective.batch_size=x"], "objective.batch_size='x' is not allowed"),
 ])
 def test_bad_values_name_key_value_and_rule(override, message):
     with pytest.raises(UserError) as e:
