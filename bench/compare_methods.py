@@ -42,8 +42,8 @@ def compose(overrides: list[str]):
 
 def planned_proxy_runs(method: str, n_sources: int, overrides: list[str]) -> int:
     """Proxy runs the method plans at the paper's scale (from its YAML's paper preset)."""
-    from fastmix.pipeline import build_optimizer
-    opt = build_optimizer(compose([f"optimizer={method}", "scale=paper", *overrides]).optimizer)
+    from fastmix.pipeline import build
+    opt = build(compose([f"optimizer={method}", "scale=paper", *overrides]).optimizer)
     return opt.planned_proxy_runs(n_sources)
 
 
@@ -77,7 +77,7 @@ def main() -> None:
 
     from fastmix.cost import CostMeter
     from fastmix.data import prepare_corpus
-    from fastmix.pipeline import build_optimizer, run_search
+    from fastmix.pipeline import build, run_search
     from fastmix.train import resolve_device, set_threads
 
     base = compose([f"scale={args.scale}", "progress=false", *args.overrides])
@@ -91,7 +91,7 @@ def main() -> None:
         for m in args.methods:
             cfg = compose([f"optimizer={m}", f"scale={args.scale}", "progress=false", *args.overrides])
             meter = CostMeter(device)
-            _, result = run_search(cfg, build_optimizer(cfg.optimizer), corpus, objective, meter, device,
+            _, result = run_search(cfg, build(cfg.optimizer), corpus, objective, meter, device,
                                    root / m)
             c = meter.stages["search"]
             factor = c.flops / max(1, c.proxy_runs) / one_proxy  # FLOPs per proxy run / one plain run

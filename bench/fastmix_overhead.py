@@ -52,7 +52,7 @@ def main() -> None:
     from fastmix.cost import CostMeter
     from fastmix.data import prepare_corpus
     from fastmix.optimizer import SearchContext
-    from fastmix.pipeline import build_optimizer, train_on_mixture
+    from fastmix.pipeline import build, train_on_mixture
     from fastmix.train import resolve_device, set_threads
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -77,7 +77,7 @@ def main() -> None:
                                 lambda w, out, seed=cfg.seed, **kw: train_on_mixture(
                                     corpus, cfg.proxy, w, out, device, meter, seed, progress=False, **kw), cfg)
             t = time.perf_counter()
-            result = build_optimizer(cfg.optimizer).search(ctx)
+            result = build(cfg.optimizer).search(ctx)
             times["fastmix"] = time.perf_counter() - t
     tokens = meter.stages["plain"].tokens
     print(f"device {device}, {threads} threads, proxy {args.proxy} {dict(cfg.proxy.model)}, "

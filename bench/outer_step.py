@@ -45,7 +45,7 @@ def main() -> None:
     from fastmix.data import prepare_corpus
     from fastmix.method import head_hypergradient, hypergradient
     from fastmix.sampling import MixtureSampler
-    from fastmix.pipeline import build_optimizer, new_model
+    from fastmix.pipeline import build, new_model
     from fastmix.train import StepInfo, Trainer, resolve_device, set_threads
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -60,7 +60,7 @@ def main() -> None:
     sampler = MixtureSampler(train, p.model.context, p.batch_size, seed=0)
     trainer = Trainer(model, sampler, p, device, CostMeter(device), Path("/tmp/outer_step_bench"), progress=False)
     batch = sampler.next_batch()
-    vb = objective.fixed_batch(build_optimizer(cfg.optimizer).rows_per_group(p), p.model.context)
+    vb = objective.fixed_batch(build(cfg.optimizer).rows_per_group(p), p.model.context)
     head = [model.get_output_embeddings().weight]
     K, lr = len(corpus.sources), 1e-3
     info = StepInfo(0, 1, batch)

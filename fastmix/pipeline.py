@@ -132,7 +132,7 @@ class ProxyUnit(Checkpointable):
             cfg = OmegaConf.create(self.cfg)
             corpus = prepare_corpus(cfg.data)  # the token cache: no work after the parent built it
             objective = instantiate(cfg.objective, _partial_=True)(corpus=corpus)
-            self._loaded = search_corpus(build_optimizer(cfg.optimizer), corpus, cfg), objective
+            self._loaded = search_corpus(build(cfg.optimizer), corpus, cfg), objective
         return self._loaded
 
     def __call__(self, job: ProxyJob) -> dict:
@@ -246,10 +246,6 @@ def build(node: DictConfig, group: str = "optimizer", **extra):
         raise
 
 
-def build_optimizer(opt_cfg: DictConfig):
-    return build(opt_cfg)
-
-
 def run_search(cfg: DictConfig, optimizer, corpus: Corpus, objective, meter: CostMeter, device,
                out_dir: Path) -> tuple[Corpus, SearchResult]:
     """The search stage: (the sources searched over, the validated result). Every
@@ -290,7 +286,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     suite = suite_from_config(cfg.eval, corpus)
     if suite:
         load_tasks(suite)  # a task whose data is missing stops the job now, before any training
-    optimizer = build_optimizer(cfg.optimizer)
+    optimizer = build(cfg.optimizer)
     meter = CostMeter(device)
 
     # 1. search

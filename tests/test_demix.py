@@ -294,8 +294,8 @@ def test_suite_score_is_maximised(tmp_path, monkeypatch):
 
 
 def test_ridge_below_32_and_presets():
-    from fastmix.pipeline import build_optimizer
-    built = {s: build_optimizer(compose(["optimizer=demix", f"scale={s}"]).optimizer) for s in
+    from fastmix.pipeline import build
+    built = {s: build(compose(["optimizer=demix", f"scale={s}"]).optimizer) for s in
              ("smoke", "demo", "paper")}
     assert [(o.n0, o.n_candidates, o.top_k, o.kind) for o in built.values()] == [
         (8, 2000, 16, "ridge"), (32, 20000, 128, "ridge"), (512, 200000, 1280, "lightgbm")]

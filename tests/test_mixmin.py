@@ -292,13 +292,13 @@ def test_bad_options_are_refused(override):
 
 
 def test_yaml_builds_ours_and_the_published_values():
-    from fastmix.pipeline import build_optimizer
-    opt = build_optimizer(compose(["optimizer=mixmin"]).optimizer)
+    from fastmix.pipeline import build
+    opt = build(compose(["optimizer=mixmin"]).optimizer)
     assert (opt.eta, opt.step, opt.max_steps, opt.tol, opt.stop_rule, opt.holdout) == \
         (1.0, "length", 2000, 1e-5, "gap", 0.2)
     assert opt.planned_proxy_runs(17) == 17
     public = [f"optimizer.{k}={v}" for k, v in PUBLIC.items()]
-    pub = build_optimizer(compose(["optimizer=mixmin"] + public).optimizer)
+    pub = build(compose(["optimizer=mixmin"] + public).optimizer)
     assert (pub.eta, pub.step, pub.max_steps, pub.tol, pub.stop_rule) == (1.0, "public", 100, 1e-4, "raw")
 
 
