@@ -16,15 +16,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf, open_dict
 
+# the module, not its class: Hydra registers every launcher class a plugin module holds
 try:
-    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as HydraSlurmLauncher
-except ImportError:  # the `cluster` extra is absent: a plain class, so Hydra's plugin scan stays quiet;
-    HydraSlurmLauncher = object  # hydra/launcher=slurm then stops at its `submitit_slurm` default
+    from hydra_plugins.hydra_submitit_launcher import submitit_launcher as hydra_submitit
+except ImportError:  # the `cluster` extra is absent: a plain class below, so Hydra's plugin scan stays
+    hydra_submitit = None  # quiet; hydra/launcher=slurm then stops at its `submitit_slurm` default
 
 log = logging.getLogger("slurm")
 
 
-class SlurmLauncher(HydraSlurmLauncher):
+class SlurmLauncher(hydra_submitit.SlurmLauncher if hydra_submitit else object):
     """Jobs with DONE are reported as skipped without being submitted; the rest go
     as one array, as Hydra's launcher sends them."""
 
