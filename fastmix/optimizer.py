@@ -79,6 +79,9 @@ class SearchResult:
 
 class MixtureOptimizer(Protocol):
     name: str
+    # the YAML's keys: a dataclass of fastmix.schema.MethodParams with each key's type
+    # and allowed values, checked before the method is built (fastmix.schema.check_params)
+    Params: type
 
     def search(self, ctx: SearchContext) -> SearchResult: ...
 
