@@ -8,10 +8,11 @@ here. `check(cfg)` runs at the start of every job (fastmix.pipeline.run_job), so
 in a sweep each job reports its own bad value. Covered: the top level (seed,
 device, threads), the proxy and target training settings (one schema for
 `proxy/` and `train/`), the data node (`DataSchema`: its kind, paths, caps,
-splits and tokenizer), eval, and every objective's, optimizer's and executor's parameters (`Params` beside
-each class, found by the node's `_target_` and checked by `check_params`, which
-`fastmix.pipeline.build` also runs before it builds one). A class checks in its
-constructor what ties several keys together (top_k <= n_candidates).
+splits and tokenizer), eval, and every objective's, optimizer's and executor's
+parameters (`Params` beside each class, found by the node's `_target_` and
+checked by `check_params`, which `fastmix.pipeline.build` also runs before it
+builds one). A class checks in its constructor what ties several keys together
+(top_k <= n_candidates).
 """
 from __future__ import annotations
 
@@ -108,9 +109,9 @@ class EvalSchema:
 class MethodParams:
     """What every objective's, optimizer's and executor's node holds
     (conf/objective/, conf/optimizer/, conf/executor/): the class to build and its
-    label. Each such class
-    declares `Params`, this plus its own keys: their types and allowed values, no
-    defaults (the YAML holds the published values, each with its source)."""
+    label. Each such class declares `Params`, this plus its own keys: their types
+    and allowed values, no defaults (the YAML holds the published values, each
+    with its source)."""
     _target_: str = rule()
     name: str = rule()
 
@@ -248,8 +249,8 @@ def check(cfg: DictConfig) -> None:
 
 
 def check_params(node: DictConfig, prefix: str) -> type:
-    """The class a `_target_` node builds (an optimizer, an executor), after its
-    values are checked against the class's `Params`."""
+    """The class a `_target_` node builds (an objective, an optimizer, an
+    executor), after its values are checked against the class's `Params`."""
     from hydra.utils import get_class
     try:
         plain = OmegaConf.create(OmegaConf.to_container(node, resolve=True))  # `${scale}` points at the root
@@ -260,7 +261,7 @@ def check_params(node: DictConfig, prefix: str) -> type:
         cls = get_class(str(target))
     except Exception:  # noqa: BLE001 -- Hydra raises ImportError or ValueError, worded for developers
         raise _fail(f"{prefix}._target_", target, "a class that can be imported (module.Class)") from None
-    _check_fields(cls.Params, plain, prefix)  # every optimizer and executor declares Params
+    _check_fields(cls.Params, plain, prefix)  # every such class declares Params
     return cls
 
 

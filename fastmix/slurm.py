@@ -2,14 +2,14 @@
 launcher, `hydra/launcher=slurm`, is hydra_plugins/fastmix_launcher: Hydra finds
 launchers only in the hydra_plugins package.)
 
-`watch_with_squeue()`: Submitit polls `sacct` for job states. Where SLURM keeps
-  no accounting (`AccountingStorageType=accounting_storage/none`, common on small
-  clusters and on the single-node SLURM of `make test-slurm`) every poll fails
-  and prints sacct's error and Submitit's "Bypassing sacct error" warning, and
-  Submitit learns a job's state only from its result file. There the watcher
-  asks `squeue` instead, which knows every job SLURM still holds (finished ones
-  for MinJobAge seconds): the output shows the sweep, and a task that died
-  without a result is still seen as failed.
+Submitit polls `sacct` for job states. Where SLURM keeps no accounting
+(`AccountingStorageType=accounting_storage/none`, common on small clusters and
+on the single-node SLURM of `make test-slurm`) every poll fails and prints
+sacct's error and Submitit's "Bypassing sacct error" warning, and Submitit
+learns a job's state only from its result file. There `watch_with_squeue()`
+makes the watcher ask `squeue`, which knows every job SLURM still holds
+(finished ones for MinJobAge seconds): the output shows the sweep, and a task
+that died without a result is seen as failed instead of waited for forever.
 """
 from __future__ import annotations
 
