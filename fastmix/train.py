@@ -36,7 +36,7 @@ import os
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -201,28 +201,33 @@ def planned_steps(cfg, world: int = 1, context: int | None = None) -> int:
 _STOP_SIGNALS = {signal.SIGUSR2, signal.SIGTERM}
 
 
-def _atomic_save(obj, path: Path) -> None:
-    """torch.save through atomic_file, with the stop signals held until the file is
-    whole. A handler that exits in the middle of torch.save leaves its zip writer
-    half done, and the writer's own error then replaces the exit: the job failed
-    instead of being requeued (seen in CI). A held signal goes to its handler on return."""
+@contextmanager
+def _stop_signals_held():
+    """Hold SLURM's stop signals for the block; a held one goes to its handler after it.
+    A handler that exits in the middle of torch.save leaves its zip writer half done,
+    and the writer's own error then replaces the exit: the job failed instead of being
+    requeued (seen in CI)."""
     # Handlers, not the signal mask: the kernel hands a process-directed signal to any
     # thread not blocking it (torch's pool threads), so masking this thread holds nothing.
     # signal.signal works only in the main thread; elsewhere no handler of ours runs anyway.
     if threading.current_thread() is not threading.main_thread():
-        with atomic_file(path, "wb") as fh:
-            torch.save(obj, fh)
+        yield
         return
     held: list[int] = []
     old = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in _STOP_SIGNALS}
     try:
-        with atomic_file(path, "wb") as fh:
-            torch.save(obj, fh)
+        yield
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
     for sig in held:
         signal.raise_signal(sig)  # to the handler just restored (the default one stops us)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    """torch.save through atomic_file, the stop signals held until the file is whole."""
+    with _stop_signals_held(), atomic_file(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 class Trainer:
