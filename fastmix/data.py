@@ -64,8 +64,8 @@ def _files_under(path: Path) -> list[Path]:
 
 
 def discover_sources(data_cfg) -> dict[str, SourceSpec]:
-    """Source specs from a `data` config; errors name the path or source to fix."""
-    data_cfg = data_config(data_cfg)
+    """Source specs from a data node with its defaults (`schema.data_config`, as
+    prepare_corpus passes it); errors name the path or source to fix."""
     kind, text_field = data_cfg.kind, data_cfg.text_field
     specs: dict[str, SourceSpec] = {}
     if kind == "folder":

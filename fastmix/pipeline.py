@@ -283,7 +283,8 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     objective = instantiate(cfg.objective, _partial_=True)(corpus=corpus)
     scored = objective.held_out()  # the target's objective_loss, on the test split
     scored.rows(cfg.train.model.context)  # too little test text stops the job now, before any training
-    suite = suite_from_config(cfg.eval, corpus)
+    ev = schema.eval_config(cfg.eval)  # the eval kind's keys with their defaults
+    suite = suite_from_config(ev, corpus)
     if suite:
         load_tasks(suite)  # a task whose data is missing stops the job now, before any training
     optimizer = build(cfg.optimizer)
@@ -306,7 +307,6 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
             save_with_tokenizer(target, corpus.tokenizer, run_dir / "model")
 
     # 3. evaluate
-    ev = schema.eval_config(cfg.eval)  # the eval kind's keys with their defaults
     with meter.stage("eval"):
         # every score of the target on the test split; the search read the val split only
         val_loss = per_source_test_loss(target, corpus, ev, device, meter, cfg.train.precision)

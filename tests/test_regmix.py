@@ -8,13 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import compose
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from baselines.proxy_search import Regressor, dirichlet_mixtures, finish_mixtures, strengths, temper, usage_bound
 from baselines.regmix import RegMix
 from baselines.regmix_replay import main
+from fastmix import pipeline
 from fastmix.errors import UserError
 
 SRC = ["a", "b", "c", "d"]
@@ -147,15 +145,8 @@ def test_smoke_preset_searches(tmp_path):
 # ---- config ----------------------------------------------------------------------------------
 
 def build(overrides):
-    """The optimizer as the pipeline builds it: instantiate the composed YAML minus `name`,
-    `scale: ${scale}` resolved against the job config. Hydra wraps the constructor's
-    UserError in an InstantiationException; unwrap it as run.py must to print it."""
-    params = {k: v for k, v in OmegaConf.to_container(compose(overrides).optimizer, resolve=True).items()
-              if k != "name"}
-    try:
-        return instantiate(params, _convert_="all")
-    except InstantiationException as e:
-        raise (e.__cause__ if isinstance(e.__cause__, UserError) else e) from None
+    """The optimizer as the pipeline builds it (checked against its Params, then built)."""
+    return pipeline.build(compose(overrides).optimizer)
 
 
 @pytest.mark.parametrize("scale,n,cands,k", [("smoke", 4, 2000, 10), ("demo", 24, 100000, 100),
