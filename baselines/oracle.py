@@ -24,13 +24,14 @@ found, beside what its search cost.
   the oracle job of every seed, a re-run and a method added later reuse it.
   Units are locked while they run (fastmix.pipeline.unit_lock) and each job
   walks the grid in an order drawn from its own seed, so two oracle jobs side
-  by side split the grid instead of training it twice.
+  by side split the grid instead of training it twice. A record there is
+  reused only if it was made by the same setup (its fingerprint); one that was
+  not is a stale measurement and is retrained and overwritten, with a warning,
+  rather than kept beside a new one: the grid is one landscape per folder.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from typing import Optional
 import numpy as np
 from omegaconf import OmegaConf
 
+from fastmix import records
 from fastmix.config import abspath
 from fastmix.errors import UserError
 from fastmix.optimizer import SearchContext, SearchResult
@@ -94,10 +96,10 @@ class Oracle:
         grid = simplex_grid(len(names), R)
         # every target of the grid is the job's target: its config replaces the proxy's
         target = OmegaConf.to_container(ctx.cfg.train, resolve=True)
-        # a shared grid is only reused for the same data, objective and target
-        key = hashlib.sha1(json.dumps([OmegaConf.to_container(ctx.cfg[k], resolve=True)
-                                       for k in ("data", "objective", "train")], sort_keys=True,
-                                      default=str).encode()).hexdigest()[:10]
+        # a shared grid's folder is named by the data, objective and target it measures (the
+        # one fingerprint, fastmix.records); each record in it also keeps the fingerprint of its
+        # whole setup and is retrained if that differs (fastmix.pipeline.ProxyUnit)
+        key = records.fingerprint(records.job_config({k: ctx.cfg[k] for k in ("data", "objective", "train")}))[:10]
         where = self.grid_root(ctx) / f"r{R}_{key}"
         as_w = lambda counts: {n: c / R for n, c in zip(names, counts)}
         label = lambda counts: "-".join(map(str, counts))

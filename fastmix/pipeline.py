@@ -30,6 +30,7 @@ from fastmix.data import Corpus, prepare_corpus
 from fastmix.errors import UserError
 from fastmix.evaluation import evaluate_suite, lm_eval_commands, load_tasks, suite_from_config
 from fastmix.fanout import InProcess
+from fastmix.logs import quiet_library_bars
 from fastmix.models import build_model, save_with_tokenizer
 from fastmix.objective import ValidationObjective
 from fastmix.optimizer import SearchContext, SearchResult
@@ -48,11 +49,12 @@ def new_model(corpus: Corpus, shape: DictConfig, seed: int):
 def train_on_mixture(corpus: Corpus, run_cfg: DictConfig, weights: dict[str, float], out_dir: Path,
                      device: torch.device, meter: CostMeter, seed: int, weighted: bool = False,
                      hook=None, hook_every: int = 1, desc: str = "train", progress: bool = True,
-                     init_from: Path | None = None):
+                     init_from: Path | None = None, identity: str | None = None):
     """Train a fresh model of `run_cfg.model` on a mixture through the one loop.
     weighted=False: sources sampled by w. weighted=True: sampled uniformly, loss
     weighted by w (FastMix, DoReMi). `init_from`: start from a saved model's
-    weights instead (DeMix's components continue one shared base). Returns
+    weights instead (DeMix's components continue one shared base). `identity`: the
+    fingerprint a checkpoint must carry to be resumed (fastmix.train.Trainer). Returns
     (model, last metrics)."""
     model = new_model(corpus, run_cfg.model, seed)
     if init_from is not None:
@@ -65,7 +67,7 @@ def train_on_mixture(corpus: Corpus, run_cfg: DictConfig, weights: dict[str, flo
                              probs=None if weighted else weights,
                              loss_weights=weights if weighted else None, masks=masks)
     trainer = Trainer(model, sampler, run_cfg, device, meter, out_dir, hook=hook, hook_every=hook_every,
-                      desc=desc, progress=progress)
+                      desc=desc, progress=progress, identity=identity)
     last = trainer.train()
     return model, last
 
@@ -118,14 +120,34 @@ class ProxyUnit(Checkpointable):
     same in this process, in a worker process or as a SLURM array task. A Submitit
     `Checkpointable`: a task that times out or is preempted is requeued with the
     same job, and the loop resumes from the unit's checkpoint.pt (the default
-    `checkpoint` method resubmits `self(job)`: the state that matters is on disk)."""
+    `checkpoint` method resubmits `self(job)`: the state that matters is on disk).
 
-    def __init__(self, cfg: dict, threads: int | None = None):
-        self.cfg, self.threads = cfg, threads
+    A record is reused only if it was made by the same setup: `setup` lists what
+    decides its numbers and the record keeps its fingerprint. Any other record in
+    the folder (another config, an earlier version's record without one) is
+    retrained and overwritten, with a warning naming what changed, in the job's own
+    folder and in a shared one alike (the oracle's grid, `where=`): a shared record
+    that no longer matches is a stale measurement, the one thing a reused grid must
+    not keep; the unit lock keeps two jobs from training it at once. `corpus`: the
+    searched sources' cache key (their contents, tokenizer and splits; for CLIMB's
+    clusters also the clustering)."""
+
+    def __init__(self, cfg: dict, threads: int | None = None, corpus: str | None = None):
+        self.cfg, self.threads, self.corpus = cfg, threads, corpus
         self._loaded = None  # (corpus, objective), built on first use in the process that runs it
 
     def __getstate__(self):
-        return {"cfg": self.cfg, "threads": self.threads, "_loaded": None}
+        return {"cfg": self.cfg, "threads": self.threads, "corpus": self.corpus, "_loaded": None}
+
+    def setup(self, cfg: DictConfig, job: ProxyJob) -> dict:
+        """Everything that determines a unit's record, normalised as a job's config is."""
+        base = None  # the record `init_from` comes from: a retrained base invalidates what continued it
+        if job.init_from and (Path(job.init_from).parent / "record.json").exists():
+            base = json.loads((Path(job.init_from).parent / "record.json").read_text()).get("fingerprint")
+        return records.job_config({
+            "proxy": cfg.proxy, "data": cfg.data, "objective": cfg.objective, "device": cfg.device,
+            "seed": job.seed, "tokens": job.tokens, "weights": job.weights, "score_split": job.score_split,
+            "init_from": job.init_from, "base": base, "corpus": self.corpus})
 
     def _load(self):
         if self._loaded is None:
@@ -141,19 +163,22 @@ class ProxyUnit(Checkpointable):
 
     def _run(self, job: ProxyJob, out: Path) -> dict:
         record_path = out / "record.json"
-        if record_path.exists():
-            record = json.loads(record_path.read_text())
-            if record["weights"] != job.weights:
-                raise UserError(f"{out} holds a proxy run of another mixture (the search changed since it ran): "
-                                f"delete {out.parent} or use a new run folder.")
-            return record
-        if self.threads:
-            set_threads(self.threads)
         cfg = OmegaConf.create(self.cfg)
         if job.tokens is not None:
             cfg.proxy.tokens = job.tokens
         if job.overrides:
             cfg.proxy = OmegaConf.merge(cfg.proxy, job.overrides)
+        setup = self.setup(cfg, job)
+        key = records.fingerprint(setup)
+        if record_path.exists():
+            record = json.loads(record_path.read_text())
+            if record.get("fingerprint") == key:
+                return record
+            why = (records.config_changes(record["setup"], setup) if "setup" in record
+                   else "no fingerprint: an earlier version made it")
+            log.warning("%s: retraining, its record was made by another setup (%s)", out, why)
+        if self.threads:
+            set_threads(self.threads)
         corpus, objective = self._load()
         device = resolve_device(cfg.device)
         meter = CostMeter(device)
@@ -161,12 +186,13 @@ class ProxyUnit(Checkpointable):
             meter.add_proxy_run()
             model, _ = train_on_mixture(corpus, cfg.proxy, job.weights, out, device, meter, job.seed,
                                         desc=f"proxy {job.tag}/{job.index}", progress=False,
-                                        init_from=Path(job.init_from) if job.init_from else None)
+                                        init_from=Path(job.init_from) if job.init_from else None,
+                                        identity=key)
             scored = objective.held_out() if job.score_split == "test" else objective
             value = scored.loss(model, device, meter, cfg.proxy.precision)
         record = {"index": job.index, "tag": job.tag, "weights": job.weights, "objective": value,
                   "split": job.score_split, "cost": meter.stages["proxy"].to_dict(), "seed": job.seed,
-                  "dir": str(out)}
+                  "dir": str(out), "fingerprint": key, "setup": setup}
         if job.keep_model:
             record["model_dir"] = str(out / "model")
         if job.overrides:
@@ -188,7 +214,8 @@ def proxy_runner(cfg: DictConfig, corpus: Corpus, objective, meter: CostMeter, f
     # from every rank would run each proxy W times (and the workers would inherit the
     # launcher's variables).
     executor = build(cfg.executor, "executor", folder=str(folder / "submitit")) if distributed.world_size() == 1 else InProcess()
-    unit = ProxyUnit(OmegaConf.to_container(cfg, resolve=True), getattr(executor, "threads", None))
+    unit = ProxyUnit(OmegaConf.to_container(cfg, resolve=True), getattr(executor, "threads", None),
+                     Path(str(corpus.root)).name)
     if executor.name == "inprocess":
         unit._loaded = corpus, objective  # already in memory
 
@@ -247,7 +274,7 @@ def build(node: DictConfig, group: str = "optimizer", **extra):
 
 
 def run_search(cfg: DictConfig, optimizer, corpus: Corpus, objective, meter: CostMeter, device,
-               out_dir: Path) -> tuple[Corpus, SearchResult]:
+               out_dir: Path, identity: str | None = None) -> tuple[Corpus, SearchResult]:
     """The search stage: (the sources searched over, the validated result). Every
     proxy is paid for through `meter`'s search stage, in process or fanned out."""
     with meter.stage("search"):
@@ -256,7 +283,7 @@ def run_search(cfg: DictConfig, optimizer, corpus: Corpus, objective, meter: Cos
         def train_proxy(weights, out_dir, seed=cfg.seed, **kw):
             meter.add_proxy_run()
             return train_on_mixture(sources, cfg.proxy, weights, out_dir, device, meter, seed,
-                                    progress=cfg.progress, **kw)
+                                    progress=cfg.progress, identity=identity, **kw)
         run_proxies = proxy_runner(cfg, sources, objective, meter, out_dir / "proxies")
         ctx = SearchContext(sources, objective, meter, cfg.seed, out_dir, train_proxy, cfg,
                             run_proxies=run_proxies)
@@ -266,7 +293,10 @@ def run_search(cfg: DictConfig, optimizer, corpus: Corpus, objective, meter: Cos
 def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     schema.check(cfg)  # a bad value stops here, before any work
+    # what DONE will record; a checkpoint in this folder is resumed only if saved under it
+    identity = records.fingerprint(records.job_config(cfg))
     threads = set_threads(cfg.threads)
+    quiet_library_bars()
     distributed.init()  # before the device (cuda:LOCAL_RANK) and the meter (devices x ranks)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -291,7 +321,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     meter = CostMeter(device)
 
     # 1. search
-    sources, result = run_search(cfg, optimizer, corpus, objective, meter, device, run_dir / "search")
+    sources, result = run_search(cfg, optimizer, corpus, objective, meter, device, run_dir / "search", identity)
     log.info("mixture (%s): %s", cfg.optimizer.name,
              ", ".join(f"{k}={v:.3f}" for k, v in result.weights.items()))
     if distributed.is_main():
@@ -302,7 +332,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     # 2. train the target model on the mixture (sources sampled by w)
     with meter.stage("train"):
         target, _ = train_on_mixture(sources, cfg.train, result.weights, run_dir, device, meter,
-                                     cfg.seed, desc="target", progress=cfg.progress)
+                                     cfg.seed, desc="target", progress=cfg.progress, identity=identity)
         if cfg.train.keep_model and distributed.is_main():
             save_with_tokenizer(target, corpus.tokenizer, run_dir / "model")
 
@@ -336,6 +366,6 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
         records.write_json(run_dir / "cost.json", cost)
         records.write_json(run_dir / "result.json", result_row)
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the model is in model/; the rest is resume state
-        records.mark_done(run_dir)
+        records.mark_done(run_dir, cfg)
     distributed.barrier()  # no rank reports the job done before DONE is written
     return result_row

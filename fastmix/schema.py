@@ -147,6 +147,9 @@ class TopSchema:
     seed: int = rule(ge=0, default=0)
     threads: Optional[int] = rule(ge=1, default=None)  # null = every core this process may use
     device: str = "auto"
+    # a folder with DONE: skipped if DONE records the same config (same_config), or whatever it
+    # records (always: the behaviour before configs were recorded); fastmix.records.check_done
+    skip_done: str = rule(choices=("same_config", "always"), default="same_config")
 
 
 def run_config(cfg) -> DictConfig:
@@ -239,7 +242,8 @@ def check_device(name: str) -> None:
 
 def check(cfg: DictConfig) -> None:
     """Every covered value of a composed job config; raises `UserError` on the first bad one."""
-    _check_fields(TopSchema, OmegaConf.create({k: cfg.get(k) for k in ("seed", "threads", "device")}), "")
+    _check_fields(TopSchema, OmegaConf.create({k: cfg.get(k) for k in ("seed", "threads", "device", "skip_done")
+                                               if k in cfg}), "")
     check_device(str(cfg.device))
     for group in ("proxy", "train"):
         _check_fields(RunSchema, cfg[group], group)

@@ -9,7 +9,9 @@ and `SweepSummary` (a Hydra callback, in the launching process) reads those
 files when the sweep ends: what finished, what was skipped (DONE from an
 earlier run) and what failed, plus any job that reported nothing (killed).
 Files, not launcher return values, because they look the same whichever
-launcher ran the job and on whichever node.
+launcher ran the job and on whichever node. Each finished or skipped job's line
+gives its headline numbers from its result.json, and a job re-run because its
+config changed says which keys changed.
 """
 from __future__ import annotations
 
@@ -46,8 +48,10 @@ def job_threads(launcher: DictConfig | None) -> int | None:
     return None
 
 
-def write_status(run_dir: Path, status: str, error: str | None = None, started: float | None = None) -> None:
+def write_status(run_dir: Path, status: str, error: str | None = None, started: float | None = None,
+                 note: str | None = None) -> None:
     """The job's outcome for the summary; only inside a sweep (the id is set).
+    `note`: why a job with DONE was skipped or re-run (fastmix.records.check_done).
     `started`/`finished` are when the job did its work: a skipped job keeps the
     times of the run that did it, so a re-run's report still gives the sweep's
     real wall time (analysis.report.sweep_wall_hours)."""
@@ -62,8 +66,8 @@ def write_status(run_dir: Path, status: str, error: str | None = None, started: 
             times = {k: old.get(k) for k in times}
         except (OSError, ValueError):
             times = {"started": None, "finished": None}
-    records.write_json(path, {"sweep_id": sweep_id, "status": status, "error": error, "time": time.time(),
-                              **times})
+    records.write_json(path, {"sweep_id": sweep_id, "status": status, "error": error, "note": note,
+                              "time": time.time(), **times})
 
 
 def expected_jobs(config: DictConfig) -> int | None:
@@ -79,7 +83,7 @@ def expected_jobs(config: DictConfig) -> int | None:
 
 
 def summarize(sweep_dir: Path, sweep_id: str) -> dict[str, list[tuple[str, str | None]]]:
-    """{status: [(job folder relative to the sweep, error)]} for the jobs of this sweep."""
+    """{status: [(job folder relative to the sweep, error or note)]} for the jobs of this sweep."""
     out: dict[str, list[tuple[str, str | None]]] = {"finished": [], "skipped": [], "failed": []}
     for path in sorted(Path(sweep_dir).rglob("status.json")):
         try:
@@ -87,7 +91,8 @@ def summarize(sweep_dir: Path, sweep_id: str) -> dict[str, list[tuple[str, str |
         except (OSError, ValueError):
             continue
         if s.get("sweep_id") == sweep_id:
-            out.setdefault(s["status"], []).append((str(path.parent.relative_to(sweep_dir)), s.get("error")))
+            out.setdefault(s["status"], []).append((str(path.parent.relative_to(sweep_dir)),
+                                                    s.get("error") or s.get("note")))
     return out
 
 
@@ -105,8 +110,12 @@ class SweepSummary(Callback):
         expected = expected_jobs(config)
         reported = sum(len(v) for v in jobs.values())
         lines = [f"sweep {sweep_dir}: " + ", ".join(f"{len(v)} {k}" for k, v in jobs.items())]
-        for name, _ in jobs["skipped"]:
-            lines.append(f"  skipped  {name} (DONE from an earlier run)")
+        for name, note in jobs["finished"]:
+            why = f"re-run ({note})" if note else "finished"
+            lines.append(f"  {why} {name}: {_headline(sweep_dir / name)}")
+        for name, note in jobs["skipped"]:
+            lines.append(f"  skipped  {name} (DONE from an earlier run, {note or 'same config'}): "
+                         f"{_headline(sweep_dir / name)}")
         for name, err in jobs["failed"]:
             lines.append(f"  FAILED   {name}: {err} (traceback in {sweep_dir / name / 'error.txt'})")
         if expected is not None and reported < expected:
@@ -114,6 +123,13 @@ class SweepSummary(Callback):
                          f"or cancelled?): see their logs under {sweep_dir}")
         _failed[:] = [name for name, _ in jobs["failed"]] + ["?"] * max(0, (expected or 0) - reported)
         (log.error if _failed else log.info)("\n".join(lines))
+
+
+def _headline(job_dir: Path) -> str:
+    try:
+        return records.headline(records.read_json(job_dir / "result.json"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no readable result.json"
 
 
 def exit_code() -> int:

@@ -238,11 +238,13 @@ class Trainer:
 
     def __init__(self, model, sampler: MixtureSampler, cfg, device: torch.device, meter: CostMeter,
                  out_dir: Path, hook: Hook | None = None, hook_every: int = 1, desc: str = "train",
-                 progress: bool = True):
+                 progress: bool = True, identity: str | None = None):
+        """`identity`: what this run is (the job's or the proxy record's fingerprint,
+        fastmix.records): a checkpoint.pt saved under another one is not resumed."""
         cfg = run_config(cfg)  # the schema's defaults for keys the node leaves out
         self.model, self.sampler, self.cfg = model.to(device), sampler, cfg
         self.device, self.meter, self.out_dir = device, meter, Path(out_dir)
-        self.hook, self.hook_every, self.desc = hook, hook_every, desc
+        self.hook, self.hook_every, self.desc, self.identity = hook, hook_every, desc, identity
         distributed.init()
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.progress = progress and distributed.is_main()
@@ -273,14 +275,13 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
                 "step": self.step, "micro_step": self.micro_step, "cost": self.cost.to_dict(),
                 "torch_rng": torch.get_rng_state(),
-                "hook": self.hook.state_dict() if self.hook is not None else None}
+                "hook": self.hook.state_dict() if self.hook is not None else None, "identity": self.identity}
 
     def save_checkpoint(self) -> None:
         if distributed.is_main():  # every rank holds the same state
             _atomic_save(self.state_dict(), self.ckpt_path)
 
-    def _resume(self) -> None:
-        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+    def _resume(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -315,8 +316,19 @@ class Trainer:
         returns the last logged metrics."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         distributed.barrier()  # every rank decides on resuming from the same checkpoint.pt
-        if self.ckpt_path.exists():
-            self._resume()
+        state = (torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+                 if self.ckpt_path.exists() else None)
+        if state is not None and self.identity is not None and state.get("identity") != self.identity:
+            # a folder reused by another config (a re-run after a change, a shared grid): start
+            # afresh; the stale file is overwritten by the first checkpoint (no rank deletes what
+            # another may be reading)
+            log.warning("%s: %s was saved by another setup (%s, now %s): not resumed", self.desc,
+                        self.ckpt_path, state.get("identity") or "no identity", self.identity)
+            state = None
+        if state is not None:
+            self._resume(state)
+        elif distributed.is_main() and self.metrics_path.exists():
+            self.metrics_path.unlink()  # a fresh start: rows there belong to a run whose state is gone
         self.model.train()
         last: dict = {}
         self._t0 = time.perf_counter()

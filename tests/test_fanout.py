@@ -1,6 +1,7 @@
 """Fan-out of proxy runs: records, costs summed into the search stage, resuming an
 interrupted search without re-training finished proxies, and the executors."""
 import json
+import logging
 import math
 import os
 
@@ -56,7 +57,7 @@ def test_records_and_costs(setup, tmp_path):
     assert proxy_wall <= search.wall_seconds <= proxy_wall + 1.0
 
 
-def test_interrupted_fanout_retrains_only_the_missing(setup, tmp_path, monkeypatch):
+def test_interrupted_fanout_retrains_only_the_missing(setup, tmp_path, monkeypatch, caplog):
     cfg, corpus, objective = setup()
     trained, broken = [], [True]
     real = pipeline.train_on_mixture
@@ -89,9 +90,18 @@ def test_interrupted_fanout_retrains_only_the_missing(setup, tmp_path, monkeypat
     assert meter.stages["search"].proxy_runs == 4
     assert meter.stages["search"].flops == pytest.approx(sum(r["cost"]["flops"] for r in recs))
 
-    # the same folders asked for other mixtures: refused, nothing silently reused
-    with meter.stage("again"), pytest.raises(UserError, match="another mixture"):
-        pipeline.proxy_runner(cfg, corpus, objective, meter, tmp_path)(list(reversed(ws)), "r")
+    # the same folders asked for other mixtures, or under another proxy config: retrained
+    # (a warning names what changed), nothing silently reused; the same setup again: reused
+    for over, changed in [((), "weights."), (("proxy.lr=0.01",), "proxy.lr 0.003 → 0.01")]:
+        trained.clear()
+        with meter.stage("again"), caplog.at_level(logging.WARNING, logger="fastmix.pipeline"):
+            again = pipeline.proxy_runner(setup(*over)[0], corpus, objective, meter, tmp_path)(ws[1::-1], "r")
+        assert trained == ["r_0000", "r_0001"] and changed in caplog.text, caplog.text
+        assert [r["weights"] for r in again] == ws[1::-1]
+    trained.clear()
+    with meter.stage("reused"):
+        pipeline.proxy_runner(setup("proxy.lr=0.01")[0], corpus, objective, meter, tmp_path)(ws[1::-1], "r")
+    assert trained == []
 
 
 def test_local_processes_match_in_process(setup, tmp_path):
@@ -192,3 +202,30 @@ def test_squeue_watcher_reads_states_as_submitit_does():
     assert info["12_1"]["State"] == "RUNNING" and info["14_3"]["State"] == "PENDING"
     w._info_dict.update(info)
     assert w.is_done("12_0", mode="cache") and not w.is_done("12_1", mode="cache")
+
+
+def test_checkpoint_of_another_setup_is_not_resumed(tmp_path):
+    """A checkpoint carries the fingerprint of what it trains (the job's, a proxy
+    record's): a folder reused by another config starts afresh instead of resuming it."""
+    from omegaconf import OmegaConf
+
+    from fastmix.models import build_model
+    from fastmix.sampling import MixtureSampler
+    from fastmix.train import Trainer
+    src = {"a": (torch.arange(2000) % 17).numpy().astype("uint16")}
+    cfg = OmegaConf.create(dict(tokens=8 * 8 * 32, batch_size=8, lr=3e-3, log_every=1, ckpt_every=2))
+
+    def train(identity, stop_after=None):
+        meter = CostMeter(torch.device("cpu"))
+        t = Trainer(build_model({"layers": 1, "hidden": 16, "ffn": 32, "heads": 2, "context": 32}, 64, seed=0),
+                    MixtureSampler(src, 32, 8, seed=0), cfg, torch.device("cpu"), meter, tmp_path,
+                    progress=False, identity=identity)
+        with meter.stage("train"):
+            t.train(stop_after=stop_after)
+        return t
+    train("old", stop_after=4)
+    steps = lambda: [json.loads(r)["step"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train("new", stop_after=2)
+    assert steps() == [1, 2]  # from the start, and the old run's rows are gone
+    t = train("new")
+    assert steps() == list(range(1, 9)) and t.cost.tokens == 8 * 8 * 32  # resumed its own

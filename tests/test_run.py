@@ -52,6 +52,14 @@ def test_smoke_end_to_end(smoke_args, tiny_corpus, tmp_path):
     assert torch.equal(test_rows[0], torch.from_numpy(corpus.tokens[s]["test"][:65].astype("int64")))
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] > metrics[0]["step"] and set(metrics[-1]["source_loss"]) <= set(sources)
+    # The terminal: the suite's lines and a closing summary; lm-eval's INFO lines only in run.log.
+    log = (run / "run.log").read_text()
+    assert "Building contexts for" in log and "Building contexts" not in r.stdout + r.stderr
+    summary = r.stdout[r.stdout.index("[run][INFO] - done"):].splitlines()[1:]
+    best = max(res["eval"], key=res["eval"].get)
+    assert summary[0].startswith("mixture (natural): ") and f"test loss {res['objective_loss']:.4f}" in summary[1]
+    assert f"average {res['eval_average']:.3f}" in summary[2] and f"best {best} " in summary[2]
+    assert summary[3].startswith("cost: search ") and "FLOPs" in summary[3] and summary[4] == f"run folder: {run}"
 
 
 # Sweeps (launchers, re-runs that skip, failures, the summary) are in test_sweep.py.
@@ -135,3 +143,32 @@ def test_many_proxy_methods_end_to_end(smoke_args, tmp_path, method, runs):
     assert all(math.isfinite(p["objective"]) and set(p["weights"]) == set(res["weights"]) for p in proxies)
     assert res["search_cost"]["flops"] == pytest.approx(sum(p["cost"]["flops"] for p in proxies))
     assert len(list((run / "search" / "proxies").glob("*/record.json"))) == runs
+
+
+def test_done_is_skipped_only_for_the_same_config(smoke_args, tmp_path):
+    """DONE records the job's config: the same config (or a change of a key that
+    cannot change the numbers) skips, a changed one re-runs and names the key,
+    `skip_done=always` skips whatever DONE records; an earlier version's empty DONE
+    is judged by its result.json's config, and without one it is re-run."""
+    from fastmix.errors import UserError
+    from fastmix.records import check_done, mark_done
+    from omegaconf import OmegaConf
+    cfg = compose(smoke_args)
+    mark_done(tmp_path, cfg)
+    assert check_done(tmp_path, cfg).skip
+    assert check_done(tmp_path, compose(smoke_args + ["threads=1", "progress=true", "executor=local"])).skip
+    # the SLURM launcher checks the config it composes, Hydra's node included: the same rule
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from fastmix.config import REPO
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        assert check_done(tmp_path, hydra_compose("config", smoke_args, return_hydra_config=True)).skip
+    changed = check_done(tmp_path, compose(smoke_args + ["train.lr=0.003", "seed=4"]))
+    assert not changed.skip and changed.why == "config changed: seed 0 → 4, train.lr 0.002 → 0.003"
+    assert check_done(tmp_path, compose(smoke_args + ["train.lr=0.003", "skip_done=always"])).skip
+    with pytest.raises(UserError, match="skip_done='never'"):
+        check_done(tmp_path, compose(smoke_args + ["skip_done=never"]))
+    (tmp_path / "DONE").write_text("")  # an earlier version's
+    assert not check_done(tmp_path, cfg).skip
+    (tmp_path / "result.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True)}))
+    assert check_done(tmp_path, cfg).skip
+    assert "proxy.tokens" in check_done(tmp_path, compose(smoke_args + ["proxy.tokens=999"])).why

@@ -56,9 +56,14 @@ def test_sweep_finishes_the_others_and_reports_the_failure(joblib_sweep):
 
 
 def test_rerun_skips_finished_jobs(joblib_sweep):
-    folder, _, second, (stamps, times) = joblib_sweep
+    folder, first, second, (stamps, times) = joblib_sweep
     out = second.stdout + second.stderr
     assert second.returncode == 1 and "0 finished, 2 skipped, 1 failed" in out, out[-3000:]
+    # each job's line in the closing summary has its headline number, from its result.json
+    for name in stamps:
+        loss = json.loads((folder / name / "result.json").read_text())["objective_loss"]
+        assert f"  finished {name}: objective loss {loss:.4f}" in first.stdout + first.stderr
+        assert f"  skipped  {name} (DONE from an earlier run, same config): objective loss {loss:.4f}" in out
     assert stamps == {p.parent.name: p.stat().st_mtime for p in folder.glob("*/result.json")}
     assert len(stamps) == 2
     # a skipped job keeps the times of the run that did its work: the report's wall time
@@ -111,6 +116,30 @@ def test_plots_and_notebooks(joblib_sweep, tmp_path):
             assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2, path.name
     finally:
         del os.environ["FASTMIX_SWEEP"]
+
+
+def test_changed_config_reruns(joblib_sweep, tiny_corpus, cache_dir):
+    """The sweep again with a key changed that does not name the folder (device): the
+    job re-runs, says which key changed, and the summary says so; with
+    `skip_done=always` it is skipped though the key changed back. Last of the tests
+    on `joblib_sweep`, as it changes the folder."""
+    folder = joblib_sweep[0]
+    name = job(folder, "uniform").name
+    before = (folder / name / "result.json").stat().st_mtime
+    r = run_cli(["-m", "hydra/launcher=joblib", "optimizer=uniform", "eval=loss", "device=cpu", "experiment=smoke",
+                 "data=folder", f"data.root={tiny_corpus}", f"data.cache_dir={cache_dir}"], cwd=folder.parent.parent.parent)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "1 finished, 0 skipped, 0 failed" in out, out[-3000:]
+    assert f'  re-run (config changed: device "auto" → "cpu") {name}: objective loss' in out
+    assert (folder / name / "result.json").stat().st_mtime > before
+    assert 'config changed: device "auto" → "cpu"' in (folder / name / "run.log").read_text()
+    assert json.loads((folder / name / "DONE").read_text())["config"]["device"] == "cpu"
+    # skip_done=always: the old behaviour, whatever DONE records
+    r = run_cli(["-m", "hydra/launcher=joblib", "optimizer=uniform", "eval=loss", "experiment=smoke", "skip_done=always",
+                 "data=folder", f"data.root={tiny_corpus}", f"data.cache_dir={cache_dir}"], cwd=folder.parent.parent.parent)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "0 finished, 1 skipped, 0 failed" in out, out[-3000:]
+    assert f"  skipped  {name} (DONE from an earlier run, skip_done=always): objective loss" in out
 
 
 def fake_slurm(bin_dir: Path, capture: Path) -> None:

@@ -1,5 +1,6 @@
 """`hydra/launcher=slurm` (conf/hydra/launcher/slurm.yaml): Hydra's submitit_slurm
-launcher, except that a job whose folder already has DONE is not submitted. A
+launcher, except that a job whose folder already has DONE of the same config
+(fastmix.records.check_done, the rule run.py applies) is not submitted. A
 re-run of a finished sweep then submits nothing, and a re-run of a half-finished
 one only what is left (on a busy cluster every submitted job waits in the queue,
 only to find DONE). Where SLURM keeps no accounting, job states come from squeue
@@ -26,21 +27,28 @@ log = logging.getLogger("slurm")
 
 
 class SlurmLauncher(hydra_submitit.SlurmLauncher if hydra_submitit else object):
-    """Jobs with DONE are reported as skipped without being submitted; the rest go
-    as one array, as Hydra's launcher sends them."""
+    """Jobs with DONE of the same config are reported as skipped without being
+    submitted; the rest go as one array, as Hydra's launcher sends them (a job whose
+    config changed clears its old results itself, as run.py does in any launcher)."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from fastmix import records, sweep
         from fastmix.slurm import watch_with_squeue
 
         watch_with_squeue()
-        dirs = [self._job_dir(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)]
-        if dirs[0] is None:  # the folder depends on the job's number: submit all, each checks DONE itself
+        jobs = [self._job_dir(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)]
+        if jobs[0] is None:  # the folder depends on the job's number: submit all, each checks DONE itself
             return super().launch(job_overrides, initial_job_idx)
-        todo = [i for i, d in enumerate(dirs) if not records.is_done(d)]
-        for i in sorted(set(range(len(dirs))) - set(todo)):
-            log.info("skipped: %s has DONE (not submitted)", dirs[i])
-            sweep.write_status(dirs[i], "skipped")
+        dirs = [d for d, _ in jobs]
+        todo = []
+        for i, (d, done) in enumerate(jobs):
+            if done.skip:
+                log.info("skipped: %s has DONE, %s (not submitted)", d, done.why)
+                sweep.write_status(d, "skipped", note=done.why)
+            else:
+                if done.why:
+                    log.info("re-run: %s has DONE, %s", d, done.why)
+                todo.append(i)
         returns: list[JobReturn | None] = [None] * len(dirs)
         if todo:
             # numbering by position is fine: the folders do not depend on it (checked above)
@@ -52,9 +60,12 @@ class SlurmLauncher(hydra_submitit.SlurmLauncher if hydra_submitit else object):
                                        status=JobStatus.COMPLETED, _return_value="skipped")
         return returns
 
-    def _job_dir(self, overrides: list[str], num: int) -> Path | None:
-        """The job's folder, resolved here as Hydra's run_job resolves it in the job;
-        None when it depends on the job's number or id (a re-run numbers jobs anew)."""
+    def _job_dir(self, overrides: list[str], num: int):
+        """(The job's folder, resolved here as Hydra's run_job resolves it in the job,
+        and what its DONE says for the job's composed config); None when the folder
+        depends on the job's number or id (a re-run numbers jobs anew)."""
+        from fastmix import records
+        from fastmix.errors import UserError
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]  # as written
         if any(k in str(subdir) for k in ("hydra.job.num", "hydra.job.id")):
@@ -65,6 +76,10 @@ class SlurmLauncher(hydra_submitit.SlurmLauncher if hydra_submitit else object):
         old = hc.cfg
         hc.set_config(cfg)
         try:
-            return Path(str(cfg.hydra.sweep.dir), str(cfg.hydra.sweep.subdir)).absolute()
+            folder = Path(str(cfg.hydra.sweep.dir), str(cfg.hydra.sweep.subdir)).absolute()
+            try:
+                return folder, records.check_done(folder, cfg)
+            except UserError:  # a bad skip_done: submitted, and the job reports it in one line
+                return folder, records.DoneCheck(False, "")
         finally:
             hc.cfg = old
