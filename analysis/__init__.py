@@ -3,3 +3,7 @@
 flow one way: analysis reads what the runs wrote, nothing in fastmix/ or
 baselines/ imports it.
 """
+
+from fastmix.cli import refuse_non_tool  # noqa: E402  `python -m analysis.<not a tool>`: say so, exit 2
+
+refuse_non_tool(__name__)

@@ -344,7 +344,9 @@ class DeMix:
             return lambda m: float(ctx.objective.loss(m, device, ctx.meter, precision))
         from fastmix.evaluation import evaluate_suite, load_tasks, suite_from_config
         ev = ctx.cfg.eval
-        suite = suite_from_config(ev, ctx.corpus)
+        # built from the validation split: the search never sees the test-split tasks the
+        # target is scored on (same generators, other documents)
+        suite = suite_from_config(ev, ctx.corpus, split="val")
         if not suite:
             raise UserError("optimizer.score=suite scores merged models with the eval suite, but eval="
                             f"{ev.get('name')} has none: use eval=local or eval=paper14, or score=objective.")

@@ -7,3 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 __version__ = "0.1.0"
+
+from fastmix.cli import refuse_non_tool  # noqa: E402  `python -m fastmix.<not a tool>`: say so, exit 2
+
+refuse_non_tool(__name__)

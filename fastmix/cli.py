@@ -1,7 +1,8 @@
 """The one wrapper of the `python -m` tools (analysis.tables/plots/report/oracle,
 baselines.regmix_replay, fastmix.export): parse the arguments, run, and turn bad input
 (a `UserError`) into one line on stderr and exit code 2; anything else is a bug
-and keeps its traceback."""
+and keeps its traceback. And `refuse_non_tool`: a module that is not a tool, run
+with `python -m`, says where the tools are and exits 2 instead of doing nothing."""
 from __future__ import annotations
 
 import argparse
@@ -20,3 +21,27 @@ def run_tool(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace]
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+# every `python -m` entry point of the suite (besides `python run.py`)
+TOOLS = ("analysis.tables", "analysis.plots", "analysis.report", "analysis.oracle", "baselines.regmix_replay",
+         "fastmix.export", "fastmix.corpus", "fastmix.corpus.build", "fastmix.sft_corpus")
+# where a module's old command line went
+MOVED = {"baselines.regmix": "baselines.regmix_replay"}
+
+
+def refuse_non_tool(package: str) -> None:
+    """Called by each package's __init__, which Python runs before `python -m
+    <package>.<module>` runs the module: if that module is not a tool it would
+    import and exit 0 having done nothing, so say where the tools are and exit 2."""
+    argv = getattr(sys, "orig_argv", [])
+    if "-m" not in argv[:-1]:
+        return
+    target = argv[argv.index("-m") + 1]
+    if not target.startswith(package + ".") or target in TOOLS:
+        return
+    hint = (f"its command line is `python -m {MOVED[target]}`" if target in MOVED else
+            "the tools are `python run.py` and " + ", ".join(f"`python -m {t}`" for t in TOOLS))
+    print(f"error: {target} is not a tool (a library module does nothing when run as a program); "
+          f"{hint}. See the README.", file=sys.stderr)
+    raise SystemExit(2)

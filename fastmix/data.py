@@ -308,16 +308,71 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+# ------------------------------------------------- the test split, sealed ---
+# No search may score, train on or build tasks from a test document (README,
+# "no search reads the test split"). The pipeline seals the test split while a
+# method searches (`test_split_sealed`); a read of it then raises, so the rule is
+# checked on every run of every method, not by review. Exempt (docs/DECISIONS.md):
+# the oracle, whose job is to score targets on the test split (it is not sealed),
+# and CLIMB's clustering, which runs before the seal to give its clusters splits.
+class SealedSplitRead(RuntimeError):
+    """A search read the test split: a bug in the method, not bad input."""
+
+
+_sealed: list[str] = []  # who is searching now (nested seals stack)
+
+
+@contextmanager
+def test_split_sealed(who: str):
+    _sealed.append(who)
+    try:
+        yield
+    finally:
+        _sealed.pop()
+
+
+def check_not_sealed(what: str) -> None:
+    """Raise if a search is running: `what` (a source's test split, a test-split
+    objective or task suite) is for scoring targets only."""
+    if _sealed:
+        raise SealedSplitRead(f"{_sealed[-1]} read {what} during its search; a search may read the train "
+                            f"and val splits only (the test split scores the target).")
+
+
+class _Splits(dict):
+    """One source's {split: array}: reading "test" while sealed raises."""
+
+    def __init__(self, source: str, splits: dict):
+        super().__init__(splits)
+        self.source = source
+
+    def __getitem__(self, split):
+        if split == "test":
+            check_not_sealed(f"the test split of '{self.source}'")
+        return super().__getitem__(split)
+
+    def get(self, split, default=None):
+        return self[split] if split in self else default
+
+    def __reduce__(self):  # pickled to worker processes as what it is
+        return _Splits, (self.source, dict(self))
+
+
 # ------------------------------------------------------------------ corpus ---
 @dataclass
 class Corpus:
-    """Token arrays per source and split (np.memmap), plus the tokenizer."""
+    """Token arrays per source and split (np.memmap), plus the tokenizer. Each
+    source's splits are `_Splits`: the test split cannot be read during a search."""
     root: Path
     tokenizer: object
     tokens: dict[str, dict[str, np.ndarray]]  # source -> split -> flat token ids
     doc_starts: dict[str, dict[str, np.ndarray]]  # source -> split -> offsets of documents
     meta: dict
     masks: dict[str, dict[str, np.ndarray | None]] = field(default_factory=dict)  # loss masks of pair sources
+
+    def __post_init__(self):
+        for name in ("tokens", "doc_starts", "masks"):
+            setattr(self, name, {s: _Splits(s, d) for s, d in getattr(self, name).items()})
 
     @property
     def sources(self) -> list[str]:

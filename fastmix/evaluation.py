@@ -85,9 +85,10 @@ def paper14_suite(eval_cfg=None) -> dict:
     return suite
 
 
-def suite_from_config(eval_cfg, corpus) -> dict:
+def suite_from_config(eval_cfg, corpus, split: str = "test") -> dict:
     """The suite an `eval` config asks for: local (generated from the corpus's
-    test split, cached), lm_eval (standard task names), or {} for loss-only."""
+    `split`, cached: test for targets, val for a search), lm_eval (standard task
+    names), or {} for loss-only."""
     eval_cfg = eval_config(eval_cfg)
     kind = eval_cfg.kind
     if kind == "local":
@@ -95,7 +96,7 @@ def suite_from_config(eval_cfg, corpus) -> dict:
         from fastmix.tasks import build_local_suite
         tasks = eval_cfg.tasks
         suite = build_local_suite(corpus, abspath(eval_cfg.suite_dir), int(eval_cfg.n_per_task),
-                                  int(eval_cfg.seed), list(tasks) if tasks else None)
+                                  int(eval_cfg.seed), list(tasks) if tasks else None, split=split)
         if eval_cfg.metric:  # one metric for every task instead of each task's own
             suite = {t: {**e, "metric": str(eval_cfg.metric)} for t, e in suite.items()}
         return suite

@@ -22,7 +22,9 @@ Two splits, never mixed: a search reads the `val` rows (the objective as built
 from the config); a target is scored on `held_out()`, the same objective on the
 `test` rows, which no search, proxy or objective ever read (result.json's
 objective_loss). Sources have their own val/test splits; an external file's
-windows (or pairs) alternate between the two, so their tokens are disjoint.
+documents (or pairs) are split in two by a hash of their text, as the sources
+are, so the halves are independent; a single-document file is split by blocks
+of windows. describe() (result.json's objective) records how.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ import numpy as np
 import torch
 
 from fastmix.config import abspath
-from fastmix.data import Corpus, Pair, SourceSpec, _files_under, iter_documents, tokenize_documents
+from fastmix.data import (Corpus, Pair, SourceSpec, _doc_key, _files_under, check_not_sealed, iter_documents,
+                          tokenize_documents)
 from fastmix.errors import UserError
 from fastmix.optimizer import validate_weights
 from fastmix.sampling import Batch, eval_windows
@@ -97,6 +100,8 @@ class Objective:
         raise NotImplementedError
 
     def rows(self, context: int):
+        if self.split == "test":  # cached rows too: a search may not score on them
+            check_not_sealed(f"objective '{self.name}' on the test split")
         if context not in self._rows:
             rows = self.build_rows(context)
             for g, (ids, _) in rows.items():
@@ -195,10 +200,37 @@ class ValidationObjective(Objective):
                 for s, w in self.weights.items() if w > 0}
 
 
+def split_objective_documents(docs: list, tokens_of) -> dict[str, list] | None:
+    """An external objective's documents in two independent halves, like a source's
+    splits: ordered by a hash of their text (fastmix.data.split_documents' order),
+    each goes to the half with fewer tokens so far, so the two hold about the same
+    number of tokens. None for a single document (split by blocks of windows instead)."""
+    if len(docs) < 2:
+        return None
+    halves: dict[str, list] = {"val": [], "test": []}
+    size = {"val": 0, "test": 0}
+    for d in sorted(docs, key=_doc_key):
+        side = "val" if size["val"] <= size["test"] else "test"
+        halves[side].append(d)
+        size[side] += tokens_of(d)
+    return halves
+
+
+# a single-document text is split by blocks of this many consecutive windows, every
+# other block to val: neighbouring windows are alike, so only blocks' edges touch
+BLOCK_WINDOWS = 8
+
+
+def _blocks(items, split: str, block: int):
+    """Every other block of `block` items, starting at block 0 for val and 1 for test."""
+    first = SPLITS.index(split)
+    return items[[i for i in range(len(items)) if (i // block) % 2 == first]]
+
+
 class TextFileObjective(Objective):
     @dataclass
     class Params(ObjectiveParams):
-        path: str = rule()  # a text file: its windows alternate between val and test
+        path: str = rule()  # a text file or folder: its documents split in two halves, val and test
 
     def __init__(self, corpus: Corpus, path: str, name: str = "text", max_tokens_per_source: int = 65536,
                  batch_size: int = 16, split: str = "val"):
@@ -211,17 +243,34 @@ class TextFileObjective(Objective):
         if not docs:
             raise UserError(f"objective.path {p} holds no text.")
         dtype = "uint32"
-        self.tokens, self.mask, _ = tokenize_documents(corpus.tokenizer, docs, dtype)
+        tok = corpus.tokenizer
         self.name, self.max_tokens, self.path = name, max_tokens_per_source, str(p)
         self.weights = {name: 1.0}
+        # val and test are independent: by document (a hash, as the sources are split), or
+        # for a single document by blocks of windows
+        lengths = dict(zip(map(id, docs), tokenize_documents(tok, docs, dtype)[2]))
+        halves = split_objective_documents(docs, lambda d: int(lengths[id(d)]))
+        if halves is None:
+            self.tokens, self.mask, _ = tokenize_documents(tok, docs, dtype)
+            self.halves = None
+            self.split_info = {"by": f"blocks of {BLOCK_WINDOWS} windows", "documents": 1}
+        else:
+            self.halves = {sp: tokenize_documents(tok, d, dtype)[:2] for sp, d in halves.items()}
+            self.split_info = {"by": "document", "documents": {sp: len(d) for sp, d in halves.items()},
+                               "tokens": {sp: int(len(t)) for sp, (t, _) in self.halves.items()}}
 
     def build_rows(self, context):
-        # windows for both splits (up to max_tokens_per_source each), then every other one
+        if self.halves is not None:
+            tokens, mask = self.halves[self.split]
+            return {self.name: _windows_with_mask(tokens, mask, context, self.max_tokens)}
+        # one document: windows for both splits (up to max_tokens_per_source each), in blocks;
+        # a text too short for two blocks gives every other window
         ids, mask = _windows_with_mask(self.tokens, self.mask, context, 2 * self.max_tokens)
-        return {self.name: (_alternate(ids, self.split), None if mask is None else _alternate(mask, self.split))}
+        block = BLOCK_WINDOWS if len(ids) >= 2 * BLOCK_WINDOWS else 1
+        return {self.name: (_blocks(ids, self.split, block), None if mask is None else _blocks(mask, self.split, block))}
 
     def describe(self) -> dict:
-        return {**super().describe(), "path": self.path}
+        return {**super().describe(), "path": self.path, "val_test_split": self.split_info}
 
 
 class QAObjective(Objective):
@@ -260,7 +309,10 @@ class QAObjective(Objective):
                 raise UserError(f"objective: source '{source}' has no prompt/answer pairs in its val or test "
                                 f"split: rows need 'prompt' and 'answer'.")
             where = f"source '{source}'"
-        self.file_pairs, self.source = (pairs if path is not None else None), source
+        # a file's pairs in the order of a hash of their text (the sources' split order), then
+        # every other one to val and test: neighbours in the file do not land side by side
+        self.file_pairs = sorted(pairs, key=_doc_key) if path is not None else None
+        self.source = source
         self.name, self.where, self.max_pairs, self.max_tokens = name, where, max_pairs, max_tokens_per_source
         self.weights = {name: 1.0}
 
@@ -268,7 +320,7 @@ class QAObjective(Objective):
     def pairs(self) -> list[Pair]:
         """This split's pairs: the source's own split, or every other pair of the file."""
         if self.file_pairs is not None:
-            return _alternate(self.file_pairs, self.split)[:self.max_pairs]
+            return _alternate(self.file_pairs, self.split)[:self.max_pairs]  # hash-ordered at load
         return self.corpus.pairs(self.source, self.split)[:self.max_pairs]
 
     def build_rows(self, context):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from submitit.helpers import Checkpointable
 
 from fastmix import distributed, records, schema
 from fastmix.cost import Cost, CostMeter
-from fastmix.data import Corpus, prepare_corpus
+from fastmix.data import Corpus, check_not_sealed, prepare_corpus, test_split_sealed
 from fastmix.errors import UserError
 from fastmix.evaluation import evaluate_suite, lm_eval_commands, load_tasks, suite_from_config
 from fastmix.fanout import InProcess
@@ -182,7 +182,10 @@ class ProxyUnit(Checkpointable):
         corpus, objective = self._load()
         device = resolve_device(cfg.device)
         meter = CostMeter(device)
-        with meter.stage("proxy"):
+        # a search's proxy reads train and val only, in a worker too; a test-split score is
+        # the oracle's grid (checked in the searching process when it was asked for)
+        sealed = nullcontext() if job.score_split == "test" else test_split_sealed(f"proxy {job.tag}/{job.index}")
+        with sealed, meter.stage("proxy"):
             meter.add_proxy_run()
             model, _ = train_on_mixture(corpus, cfg.proxy, job.weights, out, device, meter, job.seed,
                                         desc=f"proxy {job.tag}/{job.index}", progress=False,
@@ -227,6 +230,8 @@ def proxy_runner(cfg: DictConfig, corpus: Corpus, objective, meter: CostMeter, f
         """`seeds`: one per mixture (default: the job's); `where`: another folder for the
         units (shared between jobs, e.g. the oracle's grid); `score_split`: what they are
         scored on; `names`: the units' folder names (default <tag>_<index>)."""
+        if score_split == "test":
+            check_not_sealed("its proxies' scores on the test split")  # only the oracle, which is not sealed
         base = Path(where) if where is not None else folder
         names = names or [f"{tag}_{i:04d}" for i in range(len(weights_list))]
         jobs = [ProxyJob(i, tag, {k: float(v) for k, v in w.items()}, str(base / names[i]),
@@ -287,7 +292,12 @@ def run_search(cfg: DictConfig, optimizer, corpus: Corpus, objective, meter: Cos
         run_proxies = proxy_runner(cfg, sources, objective, meter, out_dir / "proxies")
         ctx = SearchContext(sources, objective, meter, cfg.seed, out_dir, train_proxy, cfg,
                             run_proxies=run_proxies)
-        return sources, optimizer.search(ctx).validated(sources.sources)
+        # the method may not read the test split (fastmix.data: the seal; the oracle is exempt)
+        sealed = nullcontext() if getattr(optimizer, "reads_test_split", False) else test_split_sealed(
+            f"optimizer={getattr(optimizer, 'name', type(optimizer).__name__)}")
+        with sealed:
+            result = optimizer.search(ctx)
+        return sources, result.validated(sources.sources)
 
 
 def run_job(cfg: DictConfig, run_dir: Path) -> dict:

@@ -44,7 +44,9 @@ whitespace is no cue either. (acc_mutual_info of an untrained model reacts
 to the context at random, so it spreads more around chance than acc: sd up
 to 0.07 over initialisations, on a source whose lines come in two kinds.)
 
-Only `corpus.documents(source, "test")` is read. When the test split holds
+Only one split's documents are read: `corpus.documents(source, "test")` for the
+suite that scores targets, `"val"` for the one a search may score with (DeMix's
+`score: suite`); the split is part of the folder's key. When the split holds
 fewer items than `n_per_task`, windows at other positions of the same
 documents are used; a task keeps as many distinct items as exist (at most
 `n_per_task`) and is left out, with a log line, when it has none.
@@ -72,6 +74,7 @@ from pathlib import Path
 
 import yaml
 
+from fastmix.data import check_not_sealed
 from fastmix.errors import UserError
 from fastmix.records import building_dir, write_json, write_jsonl, write_text_atomic
 
@@ -487,8 +490,9 @@ def _task_config(name: str, data_file: Path, source: str, kind: str) -> dict:
     }
 
 
-def suite_key(corpus, n_per_task: int, seed: int, tasks: list[str] | None, context_chars: int) -> str:
-    settings = {"corpus": Path(corpus.root).name, "n_per_task": n_per_task, "seed": seed,
+def suite_key(corpus, n_per_task: int, seed: int, tasks: list[str] | None, context_chars: int,
+              split: str = "test") -> str:
+    settings = {"corpus": Path(corpus.root).name, "split": split, "n_per_task": n_per_task, "seed": seed,
                 "tasks": sorted(tasks) if tasks else None, "context_chars": context_chars,
                 "format": SUITE_FORMAT}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -508,8 +512,11 @@ def _select(plan: dict, tasks: list[str] | None) -> dict:
 
 
 def build_local_suite(corpus, out_dir: Path, n_per_task: int = 200, seed: int = 0,
-                      tasks: list[str] | None = None, context_chars: int = CONTEXT_CHARS) -> dict:
-    """Generate (or reuse) the offline suite for `corpus`.
+                      tasks: list[str] | None = None, context_chars: int = CONTEXT_CHARS,
+                      split: str = "test") -> dict:
+    """Generate (or reuse) the offline suite for `corpus`, from one split's documents:
+    `test` for scoring targets, `val` for a search that scores with the suite (DeMix's
+    `score: suite`); the two are separate folders and share no document.
 
     Returns the manifest {task: {"yaml": path, "metric": primary metric, "metrics": [...],
     "examples": n, "chance": 0.25, "num_fewshot": 0, "source": s, "kind": k}};
@@ -518,13 +525,17 @@ def build_local_suite(corpus, out_dir: Path, n_per_task: int = 200, seed: int = 
     """
     if n_per_task < 1:
         raise UserError(f"eval.n_per_task must be >= 1, got {n_per_task}.")
+    if split not in ("val", "test"):
+        raise ValueError(f"a task suite is built from the val or test split, not {split!r}")
+    if split == "test":  # a cached suite too: a search may not score on it (fastmix.data)
+        check_not_sealed("the test-split task suite")
     out_dir = Path(out_dir).resolve()
-    key = suite_key(corpus, n_per_task, seed, list(tasks) if tasks else None, context_chars)
+    key = suite_key(corpus, n_per_task, seed, list(tasks) if tasks else None, context_chars, split)
     root = out_dir / key
     if (root / "suite.json").exists():
         return json.loads((root / "suite.json").read_text())["tasks"]
 
-    docs = {s: corpus.documents(s, "test") for s in corpus.sources}  # held-out text only
+    docs = {s: corpus.documents(s, split) for s in corpus.sources}  # held-out text only
     plan = _select(plan_tasks(docs), list(tasks) if tasks else None)
 
     with building_dir(root, "suite.json") as tmp:
@@ -535,12 +546,12 @@ def build_local_suite(corpus, out_dir: Path, n_per_task: int = 200, seed: int = 
             rng = random.Random(f"{seed}:{name}")
             items = generate(docs[source], n_per_task, rng, context_chars)
             if not items:  # never write an empty JSONL: datasets fails on it with a bare StopIteration
-                log.warning("eval suite: no %s items in the test split of '%s'; task %s left out",
-                            kind, source, name)
+                log.warning("eval suite: no %s items in the %s split of '%s'; task %s left out",
+                            kind, split, source, name)
                 continue
             if len(items) < n_per_task:
-                log.warning("eval suite: %s has %d items (asked for %d): the test split of '%s' "
-                            "holds no more", name, len(items), n_per_task, source)
+                log.warning("eval suite: %s has %d items (asked for %d): the %s split of '%s' "
+                            "holds no more", name, len(items), n_per_task, split, source)
             write_jsonl(tmp / f"{name}.jsonl", [it.row() for it in items])
             config = _task_config(name, root / f"{name}.jsonl", source, kind)
             write_text_atomic(tmp / f"{name}.yaml", yaml.safe_dump(config, sort_keys=False))
@@ -548,9 +559,9 @@ def build_local_suite(corpus, out_dir: Path, n_per_task: int = 200, seed: int = 
                               "metrics": METRICS, "examples": len(items), "chance": 1 / N_CHOICES,
                               "num_fewshot": 0, "source": source, "kind": kind}
         if not manifest:
-            raise UserError("eval=local: no task could be generated from the test split; the "
-                            "corpus needs more held-out text (raise data.splits.test).")
-        write_json(tmp / "suite.json", {"corpus": Path(corpus.root).name, "seed": seed,
+            raise UserError(f"eval=local: no task could be generated from the {split} split; the "
+                            f"corpus needs more held-out text (raise data.splits.{split}).")
+        write_json(tmp / "suite.json", {"corpus": Path(corpus.root).name, "split": split, "seed": seed,
                                         "n_per_task": n_per_task, "context_chars": context_chars,
                                         "format": SUITE_FORMAT, "tasks": manifest})
     return json.loads((root / "suite.json").read_text())["tasks"]

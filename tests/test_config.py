@@ -76,3 +76,26 @@ def test_console_scripts_and_extras_are_installed():
     for extra, deps in project["optional-dependencies"].items():
         for dep in deps:
             assert re.split(r"[=<>\[ ]", dep)[0].lower() in pinned, f"extra {extra}: {dep} not in requirements.txt"
+
+
+def test_modules_that_are_not_tools_say_where_the_tools_are():
+    """`python -m baselines.regmix` (whose command line moved) and any other library
+    module run as a program: one line naming the tool, exit 2; every listed tool
+    is a module that runs something."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from fastmix.cli import TOOLS
+    repo = Path(__file__).parents[1]
+    for module, says in [("baselines.regmix", "python -m baselines.regmix_replay"),
+                         ("fastmix.pipeline", "python -m analysis.tables"),
+                         ("analysis.aggregate_nothing", "python run.py")]:
+        r = subprocess.run([sys.executable, "-m", module, "--mixtures", "x"], cwd=repo, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for tool in TOOLS:
+        spec = importlib.util.find_spec(tool)
+        path = Path(spec.submodule_search_locations[0]) / "__main__.py" if spec.submodule_search_locations \
+            else Path(spec.origin)
+        assert 'if __name__ == "__main__"' in path.read_text() or path.name == "__main__.py", tool

@@ -264,7 +264,9 @@ def test_suite_score_is_maximised(tmp_path, monkeypatch):
     def fake_suite(model, tokenizer, suite, device, batch_size, limit, meter, precision):
         seen.append((tokenizer, suite, batch_size, limit, precision))
         return {"average": 1.0 - NormObjective().loss(model, device)}
-    monkeypatch.setattr(ev, "suite_from_config", lambda cfg, corpus: {"t": {"task": "t"}})
+    splits = []
+    monkeypatch.setattr(ev, "suite_from_config",
+                        lambda cfg, corpus, split="test": splits.append(split) or {"t": {"task": "t"}})
     monkeypatch.setattr(ev, "load_tasks", lambda suite: None)
     monkeypatch.setattr(ev, "evaluate_suite", fake_suite)
 
@@ -281,12 +283,13 @@ def test_suite_score_is_maximised(tmp_path, monkeypatch):
     with ctx.meter.stage("search"):
         res = opt.search(ctx).validated(ctx.sources)
     assert len(seen) == 113 and seen[0] == ("tok", {"t": {"task": "t"}}, 4, 7, "fp32")
+    assert splits == ["val"]  # the search's suite is built from the validation split
     merged = [r for r in res.trace if r["kind"] == "merged"]
     assert all(r["objective"] == pytest.approx(((np.array(list(r["weights"].values())) - OPT) ** 2).sum() - 1,
                                                abs=1e-6) for r in merged)  # minus the average
     w = np.array([res.weights[s] for s in ctx.sources])
     assert np.linalg.norm(w - OPT) < 0.5 * np.linalg.norm(0.25 - OPT), w
-    monkeypatch.setattr(ev, "suite_from_config", lambda cfg, corpus: {})  # eval=loss: no suite
+    monkeypatch.setattr(ev, "suite_from_config", lambda cfg, corpus, split="test": {})  # eval=loss: no suite
     again = suite_ctx(tmp_path / "again")
     with pytest.raises(UserError, match="eval suite"):
         opt.search(again)
