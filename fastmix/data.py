@@ -5,7 +5,14 @@ files (`data=folder`, one subfolder per source), named files (`data=files`),
 or a Hugging Face dataset (`data=hf`). Every source is tokenized once into
 flat token arrays (documents joined by EOS) per split, cached under
 `data.cache_dir` by a hash of the file contents and of every setting that
-changes the tokens, so a second run reads the cache and does no work.
+changes the tokens, so a second run reads the cache and does no work. The
+cache's meta.json, written last, records every file's size and checksum: a
+damaged cache is found on load and rebuilt, and a cache another process is
+building is waited for (`built_folder`).
+
+A .txt/.jsonl file that is not UTF-8 text (see `not_text`) is skipped with a
+warning naming it, or stops the job (`data.on_bad_file`); meta.json lists the
+skipped files.
 
 Splits are by document: each document's place is decided by a hash of its
 text, so the split does not depend on file order and never leaks a document
@@ -13,12 +20,20 @@ across splits.
 """
 from __future__ import annotations
 
+import codecs
+import fcntl
 import hashlib
 import itertools
 import json
+import logging
 import math
+import os
+import re
+import shutil
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Union
@@ -28,8 +43,10 @@ from tqdm.auto import tqdm
 
 from fastmix.config import abspath
 from fastmix.errors import UserError
-from fastmix.records import building_dir
+from fastmix.records import building_dir, write_text_atomic
 from fastmix.schema import data_config
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -135,9 +152,43 @@ def _doc_from_row(row: dict, text_field: str, where: str) -> Document | None:
     return text if text and text.strip() else None
 
 
-def iter_documents(spec: SourceSpec) -> Iterator[Document]:
+# A .txt/.jsonl file is not text when it holds a NUL byte (no text format writes one;
+# binaries and UTF-16 text are full of them) or when more than 1% of its bytes are not
+# UTF-8: a few stray Latin-1 bytes in a UTF-8 file are kept (each read as U+FFFD), a
+# file in another encoding, or random bytes, are not.
+MAX_UNDECODABLE = 0.01
+_ESCAPED = re.compile("[\udc80-\udcff]")  # what `surrogateescape` turns an undecodable byte into
+
+
+def not_text(path: Path) -> str | None:
+    """Why `path` is not UTF-8 text (see MAX_UNDECODABLE), or None. Reads it in chunks."""
+    decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+    size = bad = 0
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                return f"it holds NUL bytes (the first at byte {size + nul})"
+            size += len(chunk)
+            text = decoder.decode(chunk)
+            if not text.isascii():  # a constant-time flag in CPython: ASCII chunks cost nothing more
+                bad += len(_ESCAPED.findall(text))
+    bad += len(_ESCAPED.findall(decoder.decode(b"", final=True)))
+    return f"{bad} of its {size} bytes are not UTF-8" if bad > MAX_UNDECODABLE * size else None
+
+
+def _not_text_error(source: str, path, why: str) -> UserError:
+    return UserError(f"source '{source}': {path} is not text ({why}): remove it, or set "
+                     f"data.on_bad_file=skip to skip such files with a warning.")
+
+
+def iter_documents(spec: SourceSpec, on_bad_file: str = "skip",
+                   skipped: dict[str, str] | None = None) -> Iterator[Document]:
     """Every non-empty document of a source, in a fixed order: text, or a
-    prompt/answer `Pair` for rows that have `prompt` and `answer` fields."""
+    prompt/answer `Pair` for rows that have `prompt` and `answer` fields.
+    A .txt/.jsonl file that is not text (`not_text`) stops it with a `UserError`
+    (`on_bad_file="error"`) or is skipped with a warning and recorded in `skipped`
+    (path -> why)."""
     if spec.hf is not None:
         import datasets  # imported here: slow, and only needed for hub sources
         try:
@@ -152,12 +203,20 @@ def iter_documents(spec: SourceSpec) -> Iterator[Document]:
                 yield doc
         return
     for f in spec.files:
+        if f.suffix in (".txt", ".jsonl") and (why := not_text(f)):
+            if on_bad_file == "error":
+                raise _not_text_error(spec.name, f, why)
+            log.warning("source '%s': skipped %s: not text (%s)", spec.name, f, why)
+            if skipped is not None:
+                skipped[str(f)] = why
+            continue
+        # errors="replace": a file that passed not_text may still hold a few stray bytes
         if f.suffix == ".txt":
             text = f.read_text(encoding="utf-8", errors="replace")
             if text.strip():
                 yield text
         elif f.suffix == ".jsonl":
-            with open(f, encoding="utf-8") as fh:
+            with open(f, encoding="utf-8", errors="replace") as fh:
                 for i, line in enumerate(fh):
                     if not line.strip():
                         continue
@@ -328,9 +387,108 @@ def _cache_key(specs: dict[str, SourceSpec], data_cfg) -> str:
         "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size,
                       "path": str(tok.path), "bytes_per_source": tok.train_bytes_per_source},
         "splits": dict(data_cfg.splits), "max_bytes_per_source": data_cfg.max_bytes_per_source,
-        "format": 2,
+        "format": CACHE_FORMAT,  # on_bad_file is left out: error mode never writes a cache
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ cache ---
+CACHE_FORMAT = 3  # 3: meta.json records each file's size and sha256, and the skipped files
+
+
+class DamagedCache(UserError):
+    """A cache folder whose files do not match its meta.json."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()  # sha256, not blake2b: hardware-accelerated on x86 and ARM, about twice as fast
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def seal(folder: Path, meta: dict) -> dict:
+    """Write `meta` as folder/meta.json, last, with the size and sha256 of every
+    other file in the folder under "files" (what `cache_problems` checks)."""
+    marker = folder / "meta.json"
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p != marker)
+    record = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+              for p in files}
+    meta = {**meta, "files": record}
+    write_text_atomic(marker, json.dumps(meta, indent=1))
+    return meta
+
+
+def cache_problems(root: Path, verify: bool = False) -> tuple[dict | None, list[str]]:
+    """(meta, []) for an intact sealed folder, (None, []) when there is none, else
+    (None, what is wrong). Sizes are always compared (a stat per file); checksums
+    when `verify` or when a size is wrong, so that every damaged file is named."""
+    if not root.exists():
+        return None, []
+    try:
+        meta = json.loads((root / "meta.json").read_text())
+        files = meta["files"]
+    except FileNotFoundError:
+        return None, ["meta.json is missing"]
+    except (ValueError, KeyError, TypeError):
+        return None, ["meta.json is unreadable or records no file sizes"]
+    problems = {}
+    for rel, rec in files.items():
+        try:
+            size = (root / rel).stat().st_size
+        except FileNotFoundError:
+            problems[rel] = f"{rel} is missing"
+            continue
+        if size != rec["bytes"]:
+            problems[rel] = f"{rel} has {size} bytes, meta.json says {rec['bytes']}"
+    if problems or verify:
+        for rel, rec in files.items():
+            if rel not in problems and _sha256(root / rel) != rec["sha256"]:
+                problems[rel] = f"{rel} does not match its checksum"
+    return (None if problems else meta), list(problems.values())
+
+
+@contextmanager
+def _build_lock(root: Path):
+    """Held while `root` is built, so a second process that wants the same folder
+    waits and then finds it built instead of building it again. The lock file
+    stays: removing it would let a third process lock a new file while the second
+    still holds the old one."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f"{root.name}.lock", "a") as fh:  # closing it releases the lock
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process that is building %s", root)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def built_folder(root: Path, build: Callable[[Path], dict], verify: bool = False,
+                 what: str = "token cache") -> dict:
+    """The meta of the sealed folder `root` (see `seal`), built first if it is absent
+    or damaged: `build(tmp)` writes the files into a temporary folder and returns
+    the meta, which is sealed and the folder renamed to `root`. A damaged folder is
+    rebuilt with one warning naming its bad files; the build holds a lock, so
+    concurrent processes build once."""
+    meta, _ = cache_problems(root, verify)
+    if meta is not None:
+        return meta
+    with _build_lock(root):
+        meta, problems = cache_problems(root, verify)  # the process we waited for may have built it
+        if meta is not None:
+            return meta
+        if problems:
+            more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+            log.warning("%s %s is damaged (%s%s): rebuilding it", what, root, "; ".join(problems[:3]), more)
+            # moved aside first: a reader sees the damaged folder or none, never half of one
+            aside = tempfile.mkdtemp(prefix=f".damaged-{root.name}-", dir=root.parent)
+            os.replace(root, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        with building_dir(root, "meta.json") as tmp:
+            meta = seal(tmp, build(tmp))
+    return meta
 
 
 def _open(root: Path, meta: dict, tokenizer) -> Corpus:
@@ -348,10 +506,21 @@ def _open(root: Path, meta: dict, tokenizer) -> Corpus:
     return Corpus(root, tokenizer, tokens, starts, meta, masks)
 
 
-def open_corpus(root: Path, tokenizer=None) -> Corpus:
+def open_corpus(root: Path, tokenizer=None, verify: bool = False) -> Corpus:
     """A finished cache folder (meta.json, token files, tokenizer/) as a Corpus;
-    `tokenizer` reuses one already in memory instead of loading tokenizer/."""
-    meta = json.loads((Path(root) / "meta.json").read_text())
+    `tokenizer` reuses one already in memory instead of loading tokenizer/. The
+    files' sizes (and with `verify` their checksums) are checked against meta.json
+    first: a damaged folder raises `DamagedCache`."""
+    root = Path(root)
+    meta, problems = cache_problems(root, verify)
+    if meta is None:
+        why = "; ".join(problems) or "it does not exist"
+        raise DamagedCache(f"{root} is not a finished corpus folder ({why}): delete it, and the job "
+                           f"that made it builds it again.")
+    return _load(root, meta, tokenizer)
+
+
+def _load(root: Path, meta: dict, tokenizer=None) -> Corpus:
     if tokenizer is None:
         from transformers import PreTrainedTokenizerFast
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(Path(root) / "tokenizer"))
@@ -379,16 +548,26 @@ def prepare_corpus(data_cfg) -> Corpus:
     if data_cfg.tokenizer.kind == "pretrained" and not data_cfg.tokenizer.path:
         raise UserError("data.tokenizer.path is not set: pass data.tokenizer.path=/path/to/a/local/tokenizer "
                         "folder (Hugging Face format), or use data.tokenizer.kind=bpe.")
-    cache_dir = abspath(data_cfg.cache_dir)
-    root = cache_dir / _cache_key(specs, data_cfg)
-    if (root / "meta.json").exists():
-        return open_corpus(root)
+    root = abspath(data_cfg.cache_dir) / _cache_key(specs, data_cfg)
+    meta = built_folder(root, lambda tmp: _build_corpus(tmp, specs, data_cfg), verify=data_cfg.verify_cache)
+    if data_cfg.on_bad_file == "error":  # the cache may be one a skip run built, leaving files out
+        for name, bad in meta["skipped_files"].items():
+            for path, why in bad.items():
+                raise _not_text_error(name, path, why)
+    return _load(root, meta)
 
-    docs = {n: cap_documents(iter_documents(s), data_cfg.max_bytes_per_source) for n, s in specs.items()}
+
+def _build_corpus(tmp: Path, specs: dict[str, SourceSpec], data_cfg) -> dict:
+    """Read, split and tokenize every source into `tmp`; returns the meta.json entries."""
+    skipped = {n: {} for n in specs}  # source -> {path: why}: files that are not text
+    cap = data_cfg.max_bytes_per_source
+    docs = {n: cap_documents(iter_documents(s, data_cfg.on_bad_file, skipped[n]), cap)
+            for n, s in specs.items()}
     for n, d in docs.items():
         if not d:
+            also = f" ({len(skipped[n])} of them skipped: not text)" if skipped[n] else ""
             raise UserError(f"source '{n}' is empty: no non-empty documents in "
-                            f"{[str(f) for f in specs[n].files] or specs[n].hf}. Add text or drop it "
+                            f"{[str(f) for f in specs[n].files] or specs[n].hf}{also}. Add text or drop it "
                             f"from data.sources.")
     splits = {n: split_documents(d, data_cfg.splits.val, data_cfg.splits.test, n) for n, d in docs.items()}
     tk = data_cfg.tokenizer
@@ -400,17 +579,16 @@ def prepare_corpus(data_cfg) -> Corpus:
         raise UserError(f"data.tokenizer.kind '{tk.kind}' is unknown: use bpe or pretrained.")
     dtype = "uint16" if len(tokenizer) <= 2**16 else "uint32"
 
-    with building_dir(root, "meta.json") as tmp:
-        meta = {"dtype": dtype, "vocab_size": len(tokenizer), "sources": {}}
-        # a bar on a terminal only (disable=None): the token cache of a large corpus takes minutes
-        for name, parts in tqdm(splits.items(), desc="tokenizing sources", unit="source", disable=None,
-                                leave=False):
-            meta["sources"][name] = {}
-            for split in SPLITS:
-                flat, mask, lengths = tokenize_documents(tokenizer, parts[split], dtype)
-                if split == "train" and len(flat) == 0:
-                    raise UserError(f"source '{name}' has no tokens; add text to it.")
-                meta["sources"][name][split] = write_split(tmp, name, split, flat, mask, lengths)
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    return prepare_corpus(data_cfg)
+    meta = {"format": CACHE_FORMAT, "dtype": dtype, "vocab_size": len(tokenizer), "sources": {},
+            "skipped_files": {n: bad for n, bad in skipped.items() if bad}}
+    # a bar on a terminal only (disable=None): the token cache of a large corpus takes minutes
+    for name, parts in tqdm(splits.items(), desc="tokenizing sources", unit="source", disable=None,
+                            leave=False):
+        meta["sources"][name] = {}
+        for split in SPLITS:
+            flat, mask, lengths = tokenize_documents(tokenizer, parts[split], dtype)
+            if split == "train" and len(flat) == 0:
+                raise UserError(f"source '{name}' has no tokens; add text to it.")
+            meta["sources"][name][split] = write_split(tmp, name, split, flat, mask, lengths)
+    tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    return meta

@@ -138,6 +138,8 @@ class DataSchema:
     max_bytes_per_source: Optional[int] = rule(ge=1, default=None)  # whole documents up to this
     splits: SplitsSchema = field(default_factory=SplitsSchema)
     tokenizer: TokenizerSchema = field(default_factory=TokenizerSchema)
+    verify_cache: bool = False  # compare every cache file's checksum on load (sizes are always compared)
+    on_bad_file: str = rule(choices=("skip", "error"), default="skip")  # a .txt/.jsonl file that is not text
 
 
 @dataclass

@@ -87,6 +87,22 @@ def test_cache_reused_and_embeddings_shared(tiny_corpus, tmp_path, fake, monkeyp
     assert c.meta["clustering"]["embedding"]["newly_embedded"] == 0
 
 
+def test_damaged_clustered_corpus_is_rebuilt(tmp_path, fake, caplog):
+    cfg = data_cfg(cut_corpus(tmp_path / "c", sources=["code", "drama"], docs=12, max_bytes=12_000),
+                   tmp_path / "cache")
+    corpus = data.prepare_corpus(cfg)
+    kw = dict(n_clusters=2, kmeans_k=6, seed=0, prune_min_docs=1)
+    a = clustering.cluster_corpus(corpus, cfg, **kw)
+    good = np.array(a.tokens["cluster_01"]["train"])
+    with open(a.root / "cluster_01.train.bin", "r+b") as fh:
+        fh.truncate(10)
+    with caplog.at_level("WARNING", logger="fastmix.data"):
+        b = clustering.cluster_corpus(corpus, cfg, **kw)
+    assert any("clustered corpus" in r.getMessage() and "cluster_01.train.bin" in r.getMessage()
+               for r in caplog.records)
+    assert np.array_equal(b.tokens["cluster_01"]["train"], good)
+
+
 def test_max_docs_per_source_caps_train_only(tiny_corpus, tmp_path, fake):
     cfg = data_cfg(tiny_corpus, tmp_path)
     corpus = data.prepare_corpus(cfg)

@@ -1,9 +1,10 @@
 """The data pipeline on a small real-text corpus: discovery, splits, cache, bad input."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose
+from conftest import compose, cut_corpus, run_cli
 from omegaconf import OmegaConf
 
 from fastmix import data
@@ -120,3 +121,133 @@ def test_hf_source_fails_offline_with_a_clear_message(tmp_path):
                      merge=False)
     with pytest.raises(UserError, match="cannot load Hugging Face dataset"):
         data.prepare_corpus(cfg)
+
+
+# ------------------------------------------------ damaged or shared caches ---
+def two_sources(tmp_path):
+    return cut_corpus(tmp_path / "c", sources=["code", "drama"], docs=12, max_bytes=12_000)
+
+
+def test_damaged_cache_is_rebuilt_with_a_warning(tmp_path, caplog):
+    cfg = data_cfg(two_sources(tmp_path), tmp_path / "cache")
+    first = data.prepare_corpus(cfg)
+    good = np.array(first.tokens["code"]["train"])
+    rec = first.meta["files"]
+    assert {"code.train.bin", "code.train.docs.npy", "tokenizer/tokenizer.json"} <= set(rec)
+    assert rec["code.train.bin"]["bytes"] == good.nbytes and len(rec["code.train.bin"]["sha256"]) == 64
+    shard, sources = first.root / "code.train.bin", first.meta["sources"]
+    del first  # its memmaps
+
+    with open(shard, "r+b") as fh:  # truncated: every later job used to die in np.memmap
+        fh.truncate(good.nbytes // 2)
+    with caplog.at_level("WARNING", logger="fastmix.data"):
+        again = data.prepare_corpus(cfg)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "damaged" in warning and "code.train.bin has" in warning and "rebuilding" in warning
+    assert np.array_equal(again.tokens["code"]["train"], good) and again.meta["sources"] == sources
+    assert data.cache_problems(again.root) == (again.meta, [])
+    assert not list((tmp_path / "cache").glob(".damaged-*"))
+
+    # A same-size change passes the size check; data.verify_cache=true compares checksums.
+    val = again.root / "drama.val.bin"
+    raw = bytearray(val.read_bytes())
+    raw[0] ^= 0xFF
+    val.write_bytes(bytes(raw))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fastmix.data"):
+        data.prepare_corpus(cfg)
+        assert not caplog.records  # sizes only, by default
+        fixed = data.prepare_corpus(data_cfg(tmp_path / "c", tmp_path / "cache", verify_cache=True))
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "drama.val.bin does not match its checksum" in warning
+    assert data.cache_problems(fixed.root, verify=True)[1] == []
+    # open_corpus (CLIMB's clusters, tests) checks the same way, and says so in one line
+    (fixed.root / "code.val.docs.npy").unlink()
+    with pytest.raises(data.DamagedCache, match="code.val.docs.npy is missing"):
+        data.open_corpus(fixed.root)
+
+
+def _build_in_child(cfg, out):
+    corpus = data.prepare_corpus(cfg)
+    out.write_text(str(corpus.root))
+
+
+def test_concurrent_builds_of_one_cache_build_it_once(tmp_path, monkeypatch):
+    import multiprocessing
+    import time
+    cfg = data_cfg(two_sources(tmp_path), tmp_path / "cache")
+    trainings = tmp_path / "trainings"
+    real = data.train_bpe
+
+    def slow_counted_train(*a, **k):  # long enough that the second process arrives mid-build
+        with open(trainings, "a") as fh:
+            fh.write("x")
+        time.sleep(1.0)
+        return real(*a, **k)
+    monkeypatch.setattr(data, "train_bpe", slow_counted_train)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # tokenizers warns in forked children
+    ctx = multiprocessing.get_context("fork")  # the children inherit the counting stand-in
+    procs = [ctx.Process(target=_build_in_child, args=(cfg, tmp_path / f"root{i}")) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert trainings.read_text() == "x"  # one tokenizer trained: the other process waited
+    roots = {(tmp_path / f"root{i}").read_text() for i in range(2)}
+    assert len(roots) == 1 and (tmp_path / "cache" / f"{Path(roots.pop()).name}.lock").exists()
+
+
+# ---------------------------------------------------- binary or bad input ---
+def test_not_text_threshold(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_bytes(b"caf\xe9 " + b"a" * 200)  # one Latin-1 byte in 205: kept
+    assert data.not_text(f) is None
+    f.write_bytes(b"caf\xe9 " * 20)  # 20%: another encoding
+    assert "20 of its 100 bytes are not UTF-8" in data.not_text(f)
+    f.write_bytes(b"text\x00more")
+    assert "NUL" in data.not_text(f)
+    # a multibyte character across the 1 MiB read boundary is one valid character
+    f.write_bytes(b"a" * ((1 << 20) - 1) + "é".encode() + b"b" * 10)
+    assert data.not_text(f) is None
+
+
+def test_binary_files_are_skipped_named_and_counted(tmp_path, caplog):
+    root = two_sources(tmp_path)
+    rng = np.random.default_rng(0)
+    noise = root / "code" / "noise.txt"
+    noise.write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    blob = root / "drama" / "blob.jsonl"  # was a UnicodeDecodeError traceback
+    blob.write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    cfg = data_cfg(root, tmp_path / "cache")
+    with caplog.at_level("WARNING", logger="fastmix.data"):
+        corpus = data.prepare_corpus(cfg)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and any(str(noise) in w for w in warnings) and any(str(blob) in w for w in warnings)
+    assert {s: list(v) for s, v in corpus.meta["skipped_files"].items()} == {"code": [str(noise)],
+                                                                             "drama": [str(blob)]}
+    assert "\ufffd" not in "".join(corpus.documents("code", "train"))
+
+    # error mode: one message naming the file and the key; also when a skip run built the cache
+    for cache in (tmp_path / "fresh", tmp_path / "cache"):
+        with pytest.raises(UserError, match="data.on_bad_file=skip") as e:
+            data.prepare_corpus(data_cfg(root, cache, on_bad_file="error"))
+        assert str(noise) in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "fresh").exists() or not [p for p in (tmp_path / "fresh").iterdir()
+                                                      if not p.name.endswith(".lock")]
+
+    # a source left with nothing but a binary file is still "empty", in one line
+    (root / "blank").mkdir()
+    (root / "blank" / "x.txt").write_bytes(b"\x00\x01\x02" * 100)
+    with pytest.raises(UserError, match=r"source 'blank' is empty.*1 of them skipped: not text"):
+        data.prepare_corpus(data_cfg(root, tmp_path / "cache"))
+
+
+def test_bad_file_error_through_the_cli(tmp_path):
+    root = two_sources(tmp_path)
+    (root / "code" / "a.txt").write_bytes(b"\x00" * 64)
+    r = run_cli(["experiment=smoke", "data=folder", f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}",
+                 "data.on_bad_file=error", "hydra.run.dir=out"], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: source 'code': {root / 'code' / 'a.txt'} is not text")
+    assert "Traceback" not in r.stderr and not (tmp_path / "out" / "DONE").exists()
