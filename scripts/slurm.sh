@@ -6,6 +6,11 @@
 #                           wait until the node is idle
 #   scripts/slurm.sh down   stop the daemons this script started (the packages stay)
 #   scripts/slurm.sh env    print `export SLURM_CONF=...` for the test cluster
+#   scripts/slurm.sh test CMD...
+#                           up, CMD with SLURM_CONF set, down (also on failure), then
+#                           check that nothing outside $ROOT was touched: a stand-in
+#                           process named slurmd is still alive, /etc/slurm/slurm.conf is
+#                           byte-identical, and no slurm-*.out appeared in this folder
 # Everything lives under $ROOT (config, munge key and socket, state, logs, pid files);
 # clients reach the test cluster through SLURM_CONF=$ROOT/slurm.conf, whose AuthInfo
 # names the private munge socket. Nothing under /etc is written, ports are not the
@@ -111,8 +116,8 @@ CONF
   # munged as root (--force: it accepts root-owned files under /tmp)
   munged --force --socket="$MUNGE_SOCKET" --key-file="$ROOT/munge/munge.key" \
     --pid-file="$ROOT/munged.pid" --log-file="$ROOT/log/munged.log" --seed-file="$ROOT/munge/munge.seed"
-  SLURM_CONF=$CONF slurmctld -f "$CONF"
-  SLURM_CONF=$CONF slurmd -f "$CONF"
+  # from $ROOT: whatever a daemon writes to its working folder stays in the test's folder
+  (cd "$ROOT" && SLURM_CONF=$CONF slurmctld -f "$CONF" && SLURM_CONF=$CONF slurmd -f "$CONF")
   for _ in $(seq 60); do
     if SLURM_CONF=$CONF sinfo -h -o %T 2>/dev/null | grep -qx idle; then
       echo "slurm: node $host idle ($cpus CPUs, ${mem} MB), partition debug; SLURM_CONF=$CONF"
@@ -155,9 +160,53 @@ down() {
   [ "${1:-}" = quiet ] || echo "slurm: stopped"
 }
 
+env_line() {
+  if [ -e "$USED_EXISTING" ]; then echo "# the existing SLURM: its own config"; else echo "export SLURM_CONF=$CONF"; fi
+}
+
+# `test CMD...`: the isolation check of issue 22 around a run of CMD on the test cluster
+run_test() {
+  need_root
+  local guard=$ROOT/guard site=/etc/slurm/slurm.conf planted=0 rc=0 fake before after strays
+  mkdir -p "$guard"
+  # a stand-in for a site's slurmd: any long-running process with that name
+  cp "$(command -v sleep)" "$guard/slurmd"
+  "$guard/slurmd" 100000 & fake=$!
+  # a site's config; where there is none, a sentinel one (removed at the end if still ours)
+  if [ ! -e "$site" ]; then
+    mkdir -p /etc/slurm
+    printf '# fastmix make test-slurm: a stand-in for a site config; must survive byte-identical\n' > "$site"
+    planted=1
+  fi
+  before=$(sha256sum "$site" | cut -d' ' -f1)
+  strays=$(ls slurm-*.out 2>/dev/null | wc -l)
+  if (up); then
+    if [ -e "$USED_EXISTING" ]; then "$@" || rc=$?; else SLURM_CONF=$CONF "$@" || rc=$?; fi
+  else
+    rc=1
+  fi
+  down
+  after=$(sha256sum "$site" | cut -d' ' -f1)
+  if [ "$(cat "/proc/$fake/comm" 2>/dev/null)" != slurmd ]; then
+    echo "error: the stand-in slurmd (pid $fake) was killed: the test cluster touched a process it did not start" >&2; rc=1
+  else
+    kill "$fake" 2>/dev/null || true
+  fi
+  if [ "$before" != "$after" ]; then
+    echo "error: $site changed during the test: the test cluster must not write outside $ROOT" >&2; rc=1
+  fi
+  [ "$planted" = 1 ] && [ "$before" = "$after" ] && rm -f "$site"
+  if [ "$(ls slurm-*.out 2>/dev/null | wc -l)" != "$strays" ]; then
+    echo "error: slurm-*.out files appeared in $(pwd): job output must go to the job's folder" >&2; rc=1
+  fi
+  [ "$rc" = 0 ] && echo "slurm: isolation checked (stand-in slurmd alive, $site unchanged, no stray output)"
+  return "$rc"
+}
+
 case "${1:-}" in
   up) up ;;
   down) down ;;
-  env) echo "export SLURM_CONF=$CONF" ;;
-  *) echo "usage: scripts/slurm.sh up|down|env" >&2; exit 2 ;;
+  env) env_line ;;
+  test) shift; [ $# -gt 0 ] || { echo "usage: scripts/slurm.sh test CMD..." >&2; exit 2; }; run_test "$@" ;;
+  *) echo "usage: scripts/slurm.sh up|down|env|test CMD..." >&2; exit 2 ;;
 esac
