@@ -36,11 +36,12 @@ test: setup
 	$(PY) -m pytest -q tests
 
 # the SLURM path against a real single-node SLURM on this machine (root: it installs
-# Debian's slurmctld/slurmd/munge and starts them; stopped at the end, also on failure)
+# Debian's slurmctld/slurmd/munge and starts a private cluster under /tmp/fastmix-slurm,
+# reached through SLURM_CONF; stopped at the end, also on failure, then checked to have
+# touched nothing outside that folder; scripts/slurm.sh)
 test-slurm: setup
 	@if [ "$$(id -u)" != 0 ]; then echo "make test-slurm needs root (it installs and starts SLURM)" >&2; exit 2; fi
-	bash scripts/slurm.sh up || { bash scripts/slurm.sh down; exit 1; }
-	$(PY) -m pytest -q -m slurm tests/test_slurm.py; rc=$$?; bash scripts/slurm.sh down; exit $$rc
+	bash scripts/slurm.sh test $(PY) -m pytest -q -m slurm tests/test_slurm.py
 
 # every method x 3 seeds at CPU scale, then tables, plots and the README's results
 demo: setup
