@@ -60,6 +60,7 @@ install_packages() {
 up() {
   need_root
   mkdir -p "$ROOT"
+  down quiet  # ours, left by a run that was killed: not "a SLURM already runs here"
   if [ -z "${SLURM_TEST_USE_EXISTING:-}" ] || [ "$SLURM_TEST_USE_EXISTING" = 0 ]; then
     rm -f "$USED_EXISTING"
     if why=$(existing_slurm); then
@@ -74,7 +75,6 @@ up() {
   if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null || ! command -v sbatch >/dev/null; then
     install_packages
   fi
-  down quiet
   mkdir -p "$ROOT"/{ctld,d,log,munge}
   host=$(hostname -s)
   cpus=$(nproc)
@@ -167,11 +167,12 @@ env_line() {
 # `test CMD...`: the isolation check of issue 22 around a run of CMD on the test cluster
 run_test() {
   need_root
-  local guard=$ROOT/guard site=/etc/slurm/slurm.conf planted=0 rc=0 fake before after strays
+  local guard=$ROOT/guard site=/etc/slurm/slurm.conf planted=0 rc=0 before after strays
   mkdir -p "$guard"
   # a stand-in for a site's slurmd: any long-running process with that name
   cp "$(command -v sleep)" "$guard/slurmd"
-  "$guard/slurmd" 100000 & fake=$!
+  "$guard/slurmd" 100000 </dev/null >/dev/null 2>&1 & FAKE=$!
+  trap 'kill "$FAKE" 2>/dev/null || true' EXIT  # also when a step below stops the script
   # a site's config; where there is none, a sentinel one (removed at the end if still ours)
   if [ ! -e "$site" ]; then
     mkdir -p /etc/slurm
@@ -179,7 +180,7 @@ run_test() {
     planted=1
   fi
   before=$(sha256sum "$site" | cut -d' ' -f1)
-  strays=$(ls slurm-*.out 2>/dev/null | wc -l)
+  strays=$(find . -maxdepth 1 -name 'slurm-*.out' | wc -l)
   if (up); then
     if [ -e "$USED_EXISTING" ]; then "$@" || rc=$?; else SLURM_CONF=$CONF "$@" || rc=$?; fi
   else
@@ -187,16 +188,16 @@ run_test() {
   fi
   down
   after=$(sha256sum "$site" | cut -d' ' -f1)
-  if [ "$(cat "/proc/$fake/comm" 2>/dev/null)" != slurmd ]; then
-    echo "error: the stand-in slurmd (pid $fake) was killed: the test cluster touched a process it did not start" >&2; rc=1
+  if [ "$(cat "/proc/$FAKE/comm" 2>/dev/null)" != slurmd ]; then
+    echo "error: the stand-in slurmd (pid $FAKE) was killed: the test cluster touched a process it did not start" >&2; rc=1
   else
-    kill "$fake" 2>/dev/null || true
+    kill "$FAKE" 2>/dev/null || true
   fi
   if [ "$before" != "$after" ]; then
     echo "error: $site changed during the test: the test cluster must not write outside $ROOT" >&2; rc=1
   fi
   [ "$planted" = 1 ] && [ "$before" = "$after" ] && rm -f "$site"
-  if [ "$(ls slurm-*.out 2>/dev/null | wc -l)" != "$strays" ]; then
+  if [ "$(find . -maxdepth 1 -name 'slurm-*.out' | wc -l)" != "$strays" ]; then
     echo "error: slurm-*.out files appeared in $(pwd): job output must go to the job's folder" >&2; rc=1
   fi
   [ "$rc" = 0 ] && echo "slurm: isolation checked (stand-in slurmd alive, $site unchanged, no stray output)"
