@@ -32,8 +32,9 @@ setup: $(STAMP) $(CORPUS) $(SFT)
 run: setup
 	$(PY) run.py $(ARGS)
 
+# one pytest-xdist worker per core, each pinned to its core (tests/conftest.py)
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto tests
 
 # the SLURM path against a real single-node SLURM on this machine (root: it installs
 # Debian's slurmctld/slurmd/munge and starts a private cluster under /tmp/fastmix-slurm,

@@ -15,6 +15,13 @@ from fastmix.config import REPO, register_resolvers
 register_resolvers()
 EMBEDDED = REPO / "data" / "embedded"
 
+# `make test` runs the tests in one pytest-xdist worker per core: each worker is
+# pinned to its own core, so it and the jobs it starts (which take every core
+# their process may use) do not oversubscribe the CPU
+if os.environ.get("PYTEST_XDIST_WORKER") and hasattr(os, "sched_setaffinity"):
+    _cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {_cores[int(os.environ["PYTEST_XDIST_WORKER"].lstrip("gw")) % len(_cores)]})
+
 
 def cut_corpus(dst: Path, sources: list[str] | None = None, docs: int = 40, max_bytes: int = 40_000) -> Path:
     """A few whole documents of each embedded source, as one .jsonl per source."""

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose, cut_corpus, run_cli
+from conftest import compose, cut_corpus
 from omegaconf import OmegaConf
 
 from fastmix import data
@@ -241,13 +241,3 @@ def test_binary_files_are_skipped_named_and_counted(tmp_path, caplog):
     (root / "blank" / "x.txt").write_bytes(b"\x00\x01\x02" * 100)
     with pytest.raises(UserError, match=r"source 'blank' is empty.*1 of them skipped: not text"):
         data.prepare_corpus(data_cfg(root, tmp_path / "cache"))
-
-
-def test_bad_file_error_through_the_cli(tmp_path):
-    root = two_sources(tmp_path)
-    (root / "code" / "a.txt").write_bytes(b"\x00" * 64)
-    r = run_cli(["experiment=smoke", "data=folder", f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}",
-                 "data.on_bad_file=error", "hydra.run.dir=out"], cwd=tmp_path)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert r.stderr.strip().splitlines()[-1].startswith(f"error: source 'code': {root / 'code' / 'a.txt'} is not text")
-    assert "Traceback" not in r.stderr and not (tmp_path / "out" / "DONE").exists()

@@ -120,8 +120,8 @@ def test_plots_and_notebooks(joblib_sweep, tmp_path):
 
 def test_changed_config_reruns(joblib_sweep, tiny_corpus, cache_dir):
     """The sweep again with a key changed that does not name the folder (device): the
-    job re-runs, says which key changed, and the summary says so; with
-    `skip_done=always` it is skipped though the key changed back. Last of the tests
+    job re-runs, says which key changed, and the summary says so (skip_done=always:
+    tests/test_run.py, in process). Last of the tests
     on `joblib_sweep`, as it changes the folder."""
     folder = joblib_sweep[0]
     name = job(folder, "uniform").name
@@ -134,12 +134,6 @@ def test_changed_config_reruns(joblib_sweep, tiny_corpus, cache_dir):
     assert (folder / name / "result.json").stat().st_mtime > before
     assert 'config changed: device "auto" → "cpu"' in (folder / name / "run.log").read_text()
     assert json.loads((folder / name / "DONE").read_text())["config"]["device"] == "cpu"
-    # skip_done=always: the old behaviour, whatever DONE records
-    r = run_cli(["-m", "hydra/launcher=joblib", "optimizer=uniform", "eval=loss", "experiment=smoke", "skip_done=always",
-                 "data=folder", f"data.root={tiny_corpus}", f"data.cache_dir={cache_dir}"], cwd=folder.parent.parent.parent)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0 and "0 finished, 1 skipped, 0 failed" in out, out[-3000:]
-    assert f"  skipped  {name} (DONE from an earlier run, skip_done=always): objective loss" in out
 
 
 def fake_slurm(bin_dir: Path, capture: Path) -> None:
