@@ -8,7 +8,7 @@ RegMix's public generator (sail-sg/regmix mixture_config/synthesize_mixture.py,
 via baselines.regmix) for every Dirichlet draw.
 
 * Round 1: n_1 mixtures (64 in the paper) from the Dirichlet generator around
-  the token-share prior; one proxy each through `ctx.run_proxies`.
+  the token-share prior; one proxy each through `ctx.proxies.run`.
 * Predictor: LightGBM refit every round on all proxies so far, regularised as
   the paper lists for its ~100 runs: L1 and L2 terms, early stopping after 20
   rounds without improvement on held-out runs, depth 4, >= 5 runs per leaf.
@@ -58,6 +58,7 @@ from baselines.proxy_search import (
 from fastmix.cost import Cost, device_name
 from fastmix.errors import UserError
 from fastmix.optimizer import SearchContext, SearchResult
+from fastmix.proxies import ProxyJob
 from fastmix.schema import rule
 
 
@@ -159,16 +160,16 @@ class Climb:
         # an unknown regressor or a bad holdout fails at build time, before any proxy trains
         Regressor(regressor, holdout=self.holdout)
 
-    def prepare_corpus(self, corpus, cfg=None, meter=None):
+    def prepare_corpus(self, corpus, data=None, meter=None):
         """The corpus to search over: unchanged, or its clusters (Sec. 3.1) when
         `clustering.enabled` is true (the embedding stack is imported only then).
-        `cfg` is the job config; its `data` block says where clusters are cached.
+        `data`: the job's data settings (where clusters are cached).
         Given a meter, the clustering's recorded cost (embedding FLOPs, build
         time) is charged to the search, also when the clusters come from the cache."""
         if not self.clustering.get("enabled", False):
             return corpus
         from baselines.clustering import cluster_corpus
-        clustered = cluster_corpus(corpus, None if cfg is None else cfg.get("data"), **self.clustering_params)
+        clustered = cluster_corpus(corpus, data, **self.clustering_params)
         if meter is not None:
             cost = clustered.meta["clustering"]["cost"]
             charge = Cost(device=device_name(meter.device), devices=meter.devices, flops=cost["flops"])
@@ -199,10 +200,10 @@ class Climb:
 
         def train(W: np.ndarray, round_no: int) -> None:
             nonlocal X, y
-            records = ctx.run_proxies(as_dicts(W), f"climb_round{round_no}")
-            X = np.concatenate([X, [[r["weights"][s] for s in sources] for r in records]])
-            y = np.concatenate([y, [float(r["objective"]) for r in records]])
-            trace.extend({"kind": "proxy", "round": round_no, **r} for r in records)
+            records = ctx.proxies.run([ProxyJob(w, f"climb_round{round_no}") for w in as_dicts(W)])
+            X = np.concatenate([X, [[r.weights[s] for s in sources] for r in records]])
+            y = np.concatenate([y, [float(r.objective) for r in records]])
+            trace.extend({"kind": "proxy", "round": round_no, **r.to_dict()} for r in records)
 
         train(renormalise(dirichlet_mixtures(prior, self.rounds[0], rng, **self.generator)), 1)
         for round_no, n in enumerate(self.rounds[1:], start=2):

@@ -68,6 +68,7 @@ from baselines.proxy_search import (
 from fastmix.cost import Cost
 from fastmix.errors import UserError
 from fastmix.optimizer import SearchContext, SearchResult
+from fastmix.proxies import ProxyJob
 from fastmix.schema import rule
 
 # sample.py's constants; the YAML repeats them with their sources
@@ -318,8 +319,6 @@ class DeMix:
         continuation of the base (`component_fraction` of the base's budget, unless
         `component_tokens` is set) at `component_lr_scale` x the proxy's peak lr, after a
         short warmup (the proxy's warmup x component_fraction, >= 1 step, unless set)."""
-        if proxy_cfg is None:
-            raise UserError("DeMix needs the job's proxy config (ctx.cfg.proxy) for the components' regime.")
         base_tokens = int(self.base_tokens or proxy_cfg.tokens)
         tokens = int(self.component_tokens or max(1, round(self.component_fraction * base_tokens)))
         warmup = (self.component_warmup_steps if self.component_warmup_steps is not None else
@@ -343,7 +342,7 @@ class DeMix:
         if self.score == "objective":
             return lambda m: float(ctx.objective.loss(m, device, ctx.meter, precision))
         from fastmix.evaluation import evaluate_suite, load_tasks, suite_from_config
-        ev = ctx.cfg.eval
+        ev = ctx.eval
         # built from the validation split: the search never sees the test-split tasks the
         # target is scored on (same generators, other documents)
         suite = suite_from_config(ev, ctx.corpus, split="val")
@@ -362,20 +361,19 @@ class DeMix:
         prior = np.array([share[s] for s in sources])
         as_dict = lambda w: dict(zip(sources, map(float, w)))
         base_w = share if self.base == "natural" else {s: 1.0 / K for s in sources}
-        device = ctx.meter.device
-        proxy_cfg = ctx.cfg.proxy if ctx.cfg is not None else None
+        device, proxy_cfg = ctx.device, ctx.proxy
         comp_tokens, comp_overrides = self.component_regime(proxy_cfg)
         precision = proxy_cfg.precision
         scorer = self._scorer(ctx, device, precision)  # before any training: a missing suite stops now
-        (base,) = ctx.run_proxies([base_w], "demix_base", keep_model=True, tokens=self.base_tokens)
-        comps = ctx.run_proxies([{s: float(s == k) for s in sources} for k in sources], "demix_component",
-                                init_from=base["model_dir"], keep_model=True, tokens=comp_tokens,
-                                overrides=comp_overrides)
-        trace = [{"kind": "proxy", "role": "base", **base}]
-        trace += [{"kind": "proxy", "role": "component", "source": s, **r} for s, r in zip(sources, comps)]
+        (base,) = ctx.proxies.run([ProxyJob(base_w, "demix_base", keep_model=True, tokens=self.base_tokens)])
+        comps = ctx.proxies.run([ProxyJob({s: float(s == k) for s in sources}, "demix_component",
+                                          init_from=base.model_dir, keep_model=True, tokens=comp_tokens,
+                                          overrides=comp_overrides) for k in sources])
+        trace = [{"kind": "proxy", "role": "base", **base.to_dict()}]
+        trace += [{"kind": "proxy", "role": "component", "source": s, **r.to_dict()} for s, r in zip(sources, comps)]
 
-        merged = AutoModelForCausalLM.from_pretrained(base["model_dir"]).to(device)  # the one reused model
-        states = [{k: v.to(device) for k, v in AutoModelForCausalLM.from_pretrained(c["model_dir"])
+        merged = AutoModelForCausalLM.from_pretrained(base.model_dir).to(device)  # the one reused model
+        states = [{k: v.to(device) for k, v in AutoModelForCausalLM.from_pretrained(c.model_dir)
                    .state_dict().items()} for c in comps]
         n_float = sum(t.numel() for t in states[0].values() if t.is_floating_point())
 
@@ -427,8 +425,8 @@ class DeMix:
                 "top_k": self.top_k, "score": self.score, "regressor": reg_info, "base": self.base,
                 **{k: v for k, v in choice.items() if k not in ("kind", "weights")},
                 "best_merged": {"objective": float(y[best]), "weights": as_dict(X[best])},
-                "component_objective": {s: r["objective"] for s, r in zip(sources, comps)},
-                "base_objective": base["objective"],
+                "component_objective": {s: r.objective for s, r in zip(sources, comps)},
+                "base_objective": base.objective,
                 "components": {"tokens": comp_tokens, "fraction_of_base": comp_tokens / int(
                     self.base_tokens or proxy_cfg.tokens), **comp_overrides}}
         if self.rank_check:
@@ -443,25 +441,25 @@ class DeMix:
         scratch (what a merged model stands in for) on `rank_check` of the scored mixtures,
         spread over the merged scores (evenly spaced ranks, best and worst included), scored
         as the merged models were; Spearman of merged against trained scores. The runs go
-        through ctx.run_proxies, so their cost is the search's."""
+        through ctx.proxies, so their cost is the search's."""
         ok = np.flatnonzero(np.isfinite(y))
         _, first = np.unique(X[ok], axis=0, return_index=True)  # a mixture scored twice counts once
         pool = ok[np.sort(first)]
         pool = pool[np.argsort(y[pool], kind="stable")]
         n = min(self.rank_check, len(pool))
         pick = pool[np.unique(np.round(np.linspace(0, len(pool) - 1, n)).astype(int))]
-        runs = ctx.run_proxies([as_dict(X[i]) for i in pick], "demix_check",
-                               keep_model=self.score != "objective")
+        runs = ctx.proxies.run([ProxyJob(as_dict(X[i]), "demix_check", keep_model=self.score != "objective")
+                                for i in pick])
         if self.score == "objective":  # the unit scored each on the objective already
-            trained = [float(r["objective"]) for r in runs]
+            trained = [float(r.objective) for r in runs]
         else:
             from transformers import AutoModelForCausalLM
-            trained = [scorer(AutoModelForCausalLM.from_pretrained(r["model_dir"]).to(ctx.meter.device))
+            trained = [scorer(AutoModelForCausalLM.from_pretrained(r.model_dir).to(ctx.device))
                        for r in runs]
         merged = [float(y[i]) for i in pick]
         rho = spearman(merged, trained)  # None if either side is constant
         passed = rho is not None and rho >= self.rank_check_threshold
-        trace = [{"kind": "proxy", "role": "check", **r} for r in runs]
+        trace = [{"kind": "proxy", "role": "check", **r.to_dict()} for r in runs]
         trace.append({"kind": "proxy_check", "spearman": rho, "n": len(pick),
                       "threshold": self.rank_check_threshold, "passed": passed, "merged": merged,
                       "trained": trained, "weights": [as_dict(X[i]) for i in pick]})

@@ -163,7 +163,7 @@ class DoReMiHook:
         last_of_step = (info.micro_step + 1) % accum == 0
         if not self.observe(info.token_losses, ref_tok, batch, update=last_of_step):
             return
-        ctx.set_loss_weights(self.alpha.numpy())
+        ctx.set_loss_weights(dict(zip(self.names, self.alpha.tolist())))
         final = info.step + 1 == ctx.total_steps
         if self.updates == 1 or self.updates % self.trace_every == 0 or final:
             self.trace.append({"run": "proxy", "step": info.step, "micro_step": info.micro_step,
@@ -214,14 +214,14 @@ class DoReMi:
         K = len(names)
         # Step 1: the reference model, an ordinary proxy run on alpha_ref.
         w_ref = ctx.token_share() if self.reference == "natural" else {n: 1.0 / K for n in names}
-        ref_model, ref_last = ctx.train_proxy(w_ref, ctx.out_dir / "reference", desc="doremi-ref")
+        ref_model, ref_last = ctx.proxies.train(w_ref, ctx.out_dir / "reference", desc="doremi-ref")
         ref_model.eval()
         for p in ref_model.parameters():
             p.requires_grad_(False)
         # Step 2: the Group DRO proxy, uniform sampling, loss weighted by alpha.
         hook = DoReMiHook(names, ref_model, self.eta, self.smoothing, self.update_every, self.absent,
                           self.trace_every)
-        ctx.train_proxy({n: 1.0 / K for n in names}, ctx.out_dir / "proxy", weighted=True, hook=hook,
+        ctx.proxies.train({n: 1.0 / K for n in names}, ctx.out_dir / "proxy", weighted=True, hook=hook,
                         hook_every=1, desc="doremi")
         # Reference forwards done before a resume were charged in the killed process's
         # meter, which is gone: charge them here (the trainer does the same for its own work).

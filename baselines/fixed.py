@@ -20,6 +20,9 @@ class Fixed:
     def __init__(self, weights: dict[str, float] | None = None):
         self.weights = dict(weights or {})
 
+    def planned_proxy_runs(self, n_sources: int) -> int:
+        return 0  # no search
+
     def search(self, ctx: SearchContext) -> SearchResult:
         if not self.weights:
             raise UserError("optimizer=fixed needs optimizer.weights, e.g. "

@@ -8,7 +8,7 @@ not cited (the paper's text was not at hand); every value below is checked
 against the public code (Anvith-Thudi/MixMin, LLM_DataMixing/mixmin_gen.py and
 logprobs.py):
 
-* One proxy per source (K runs, one-hot mixtures) through `ctx.run_proxies`,
+* One proxy per source (K runs, one-hot mixtures) through `ctx.proxies.run`,
   each kept on disk (`keep_model`) to be scored.
 * Scoring (logprobs.py): for every objective row n and proxy k the row's
   *total* log-likelihood l_{k,n} (sum over its counted target tokens) and its
@@ -66,6 +66,7 @@ import torch
 from fastmix.errors import UserError
 from fastmix.models import flop_params
 from fastmix.optimizer import SearchContext, SearchResult
+from fastmix.proxies import ProxyJob
 from fastmix.sampling import Batch
 from fastmix.schema import MethodParams, rule
 from fastmix.train import token_losses
@@ -289,14 +290,13 @@ class MixMin:
         sources = list(ctx.sources)
         K = len(sources)
         onehots = [{s: float(s == k) for s in sources} for k in sources]
-        records = ctx.run_proxies(onehots, "mixmin", keep_model=True, tokens=self.proxy_tokens)
-        device = ctx.meter.device
-        precision = ctx.cfg.proxy.precision if ctx.cfg is not None else "bf16"
+        records = ctx.proxies.run([ProxyJob(w, "mixmin", keep_model=True, tokens=self.proxy_tokens) for w in onehots])
+        device, precision = ctx.device, ctx.proxy.precision
         objective = ctx.objective
         bs = self.batch_size or getattr(objective, "batch_size", 16)
         per_source = []
         for r in records:  # one scoring pass over the objective per proxy, charged as forward work
-            model = AutoModelForCausalLM.from_pretrained(r["model_dir"]).to(device)
+            model = AutoModelForCausalLM.from_pretrained(r.model_dir).to(device)
             rows = objective.rows(model.config.max_position_embeddings)
             per_source.append(row_logliks(model, rows, device, ctx.meter, precision, bs))
             del model
@@ -315,7 +315,7 @@ class MixMin:
         w, curve = mirror_descent(*fit, eta=self.eta, max_steps=self.max_steps, tol=self.tol,
                                   stop_rule=self.stop_rule, step=self.step)
         w = w / w.sum()
-        trace = [{"kind": "proxy", **r} for r in records]
+        trace = [{"kind": "proxy", **r.to_dict()} for r in records]
         trace += [{"kind": "mirror_descent", **row} for row in curve]
         last = curve[-1]
         info = {"steps": last["step"], "stopped": last["stopped"], "converged": last["converged"],

@@ -10,5 +10,8 @@ class Natural:
     name = "natural"
     Params = MethodParams  # nothing to set
 
+    def planned_proxy_runs(self, n_sources: int) -> int:
+        return 0  # no search
+
     def search(self, ctx: SearchContext) -> SearchResult:
         return SearchResult(ctx.token_share(), info={"train_tokens": ctx.corpus.token_counts("train")})

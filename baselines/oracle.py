@@ -22,7 +22,7 @@ found, beside what its search cost.
   table: what brute force costs.
 * Shared grid (`grid_dir`): experiment=oracle puts it in the sweep's folder, so
   the oracle job of every seed, a re-run and a method added later reuse it.
-  Units are locked while they run (fastmix.pipeline.unit_lock) and each job
+  Units are locked while they run (fastmix.proxies.unit_lock) and each job
   walks the grid in an order drawn from its own seed, so two oracle jobs side
   by side split the grid instead of training it twice. A record there is
   reused only if it was made by the same setup (its fingerprint); one that was
@@ -40,10 +40,9 @@ from typing import Optional
 import numpy as np
 from omegaconf import OmegaConf
 
-from fastmix import records
 from fastmix.config import abspath
-from fastmix.errors import UserError
 from fastmix.optimizer import SearchContext, SearchResult
+from fastmix.proxies import ProxyJob
 from fastmix.schema import MethodParams, rule
 
 
@@ -93,28 +92,26 @@ class Oracle:
         return math.comb(self.resolution + n_sources - 1, n_sources - 1) + 2 * self.noise_seeds + 1
 
     def search(self, ctx: SearchContext) -> SearchResult:
-        if ctx.run_proxies is None or ctx.cfg is None:
-            raise UserError("optimizer=oracle runs through run.py: it needs the job's config and executor.")
         names, R = ctx.sources, self.resolution
         grid = simplex_grid(len(names), R)
-        # every target of the grid is the job's target: its config replaces the proxy's
-        target = OmegaConf.to_container(ctx.cfg.train, resolve=True)
-        # a shared grid's folder is named by the data, objective and target it measures (the
-        # one fingerprint, fastmix.records); each record in it also keeps the fingerprint of its
-        # whole setup and is retrained if that differs (fastmix.pipeline.ProxyUnit)
-        key = records.fingerprint(records.job_config({k: ctx.cfg[k] for k in ("data", "objective", "train")}))[:10]
-        where = self.grid_root(ctx) / f"r{R}_{key}"
+        # every target of the grid is the job's target: its settings replace the proxy's
+        target = OmegaConf.to_container(ctx.target, resolve=True)
+        # a shared grid's folder is named by the data, objective and target it measures; each
+        # record in it also keeps the fingerprint of its whole setup and is retrained if that
+        # differs (fastmix.proxies.ProxyUnit)
+        where = str(self.grid_root(ctx) / f"r{R}_{ctx.proxies.landscape_key()[:10]}")
         as_w = lambda counts: {n: c / R for n, c in zip(names, counts)}
         label = lambda counts: "-".join(map(str, counts))
 
         # a seeded walk order: oracle jobs of other seeds running beside this one start elsewhere
         order = (np.arange(len(grid)) if ctx.seed == self.grid_seed else
                  np.random.default_rng(ctx.seed).permutation(len(grid)))
-        done = ctx.run_proxies([as_w(grid[i]) for i in order], "grid", overrides=target,
-                               seeds=[self.grid_seed] * len(grid), where=where, score_split="test",
-                               names=[f"grid_{label(grid[i])}" for i in order])
+        unit = lambda w, tag, seed, name: ProxyJob(w, tag, seed=seed, overrides=target, score="test",
+                                                   where=where, name=name)
+        done = ctx.proxies.run([unit(as_w(grid[i]), "grid", self.grid_seed, f"grid_{label(grid[i])}")
+                                for i in order])
         loss = np.empty(len(grid))
-        loss[order] = [float(r["objective"]) for r in done]
+        loss[order] = [float(r.objective) for r in done]
         best = int(np.nanargmin(loss))
 
         # the noise floor: the best grid mixture and uniform at more seeds
@@ -122,11 +119,10 @@ class Oracle:
         uniform = {n: 1.0 / len(names) for n in names}
         runs = [(as_w(grid[best]), s, f"best_{label(grid[best])}_seed{s}") for s in extra]
         runs += [(uniform, s, f"uniform_seed{s}") for s in [self.grid_seed, *extra]]
-        again = ctx.run_proxies([w for w, _, _ in runs], "noise", overrides=target, seeds=[s for _, s, _ in runs],
-                                where=where, score_split="test", names=[n for _, _, n in runs])
+        again = ctx.proxies.run([unit(w, "noise", s, n) for w, s, n in runs])
         best_by_seed = {str(self.grid_seed): float(loss[best])}
-        best_by_seed.update({str(s): float(r["objective"]) for (_, s, n), r in zip(runs, again) if n.startswith("best")})
-        uniform_by_seed = {str(s): float(r["objective"]) for (_, s, n), r in zip(runs, again)
+        best_by_seed.update({str(s): float(r.objective) for (_, s, n), r in zip(runs, again) if n.startswith("best")})
+        uniform_by_seed = {str(s): float(r.objective) for (_, s, n), r in zip(runs, again)
                            if n.startswith("uniform")}
         spread = [np.std(list(d.values()), ddof=1) for d in (best_by_seed, uniform_by_seed) if len(d) > 1]
         noise = float(np.mean(spread)) if spread else None

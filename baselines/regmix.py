@@ -13,7 +13,7 @@ simulation and the top-k average.
   code draws one per strength and keeps one at random: same distribution);
   trials over a cap are rejected; weights < 2e-4 -> 0, renormalise, round to
   multiples of 2e-4 (MINIMUM); n x 100 trials deduplicated, n picked.
-* One proxy per mixture through `ctx.run_proxies` (512 in the paper).
+* One proxy per mixture through `ctx.proxies.run` (512 in the paper).
 * Regressor mixture -> objective: LightGBM with the notebook's parameters
   (gbdt, 1000 rounds, lr 0.01, metrics l1 + l2, early stopping after 3 rounds
   without improvement), or linear regression (the paper's second option).
@@ -52,6 +52,7 @@ from baselines.proxy_search import (
 )
 from fastmix.errors import UserError
 from fastmix.optimizer import SearchContext, SearchResult
+from fastmix.proxies import ProxyJob
 from fastmix.schema import rule
 
 
@@ -106,9 +107,9 @@ class RegMix:
         prior = np.array([share[s] for s in sources])
         rng = np.random.default_rng(ctx.seed)
         mixtures = renormalise(dirichlet_mixtures(prior, self.n_proxies, rng, **self.generator))
-        records = ctx.run_proxies([dict(zip(sources, map(float, w))) for w in mixtures], "regmix")
-        X = np.array([[r["weights"][s] for s in sources] for r in records])
-        y = np.array([r["objective"] for r in records], dtype=np.float64)
+        records = ctx.proxies.run([ProxyJob(dict(zip(sources, map(float, w))), "regmix") for w in mixtures])
+        X = np.array([[r.weights[s] for s in sources] for r in records])
+        y = np.array([r.objective for r in records], dtype=np.float64)
         reg = Regressor(self.regressor, self.lgbm_params, self.early_stopping_rounds, self.holdout,
                         ctx.seed).fit(X, y)
         if self.simulation == "notebook":  # regression.ipynb: Dirichlet(prior x 1), no cap or rounding
@@ -119,7 +120,7 @@ class RegMix:
         predicted = reg.predict(candidates)
         weights, top = top_k_mean(candidates, predicted, self.top_k)
         chosen_pred = float(reg.predict(weights[None])[0])
-        trace = [{"kind": "proxy", **r} for r in records]
+        trace = [{"kind": "proxy", **r.to_dict()} for r in records]
         trace.append({"kind": "regressor", **reg.info, "train_spearman": spearman(reg.predict(X), y)})
         trace.append({"kind": "top_k", "n_candidates": len(candidates),
                       "predicted": [float(predicted[i]) for i in top],
@@ -130,6 +131,6 @@ class RegMix:
         best = int(np.nanargmin(y))
         info = {"n_proxies": len(records), "n_candidates": len(candidates), "top_k": self.top_k,
                 "regressor": reg.info, "simulation": self.simulation, "predicted_objective": chosen_pred,
-                "best_proxy": {"objective": float(y[best]), "weights": records[best]["weights"]}}
+                "best_proxy": {"objective": float(y[best]), "weights": records[best].weights}}
         return SearchResult(dict(zip(sources, map(float, weights))), trace=trace, info=info)
 

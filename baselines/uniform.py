@@ -9,5 +9,8 @@ class Uniform:
     name = "uniform"
     Params = MethodParams  # nothing to set
 
+    def planned_proxy_runs(self, n_sources: int) -> int:
+        return 0  # no search
+
     def search(self, ctx: SearchContext) -> SearchResult:
         return SearchResult({s: 1.0 / len(ctx.sources) for s in ctx.sources})

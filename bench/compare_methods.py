@@ -50,7 +50,7 @@ def planned_proxy_runs(method: str, n_sources: int, overrides: list[str]) -> int
 def proxy_run_flops(corpus, run_cfg) -> float:
     """6·N·D of one plain proxy run of `run_cfg` (tokens rounded up to whole steps)."""
     from fastmix.models import flop_params
-    from fastmix.pipeline import new_model
+    from fastmix.train import new_model
     per_step = run_cfg.batch_size * run_cfg.grad_accum * run_cfg.model.context
     tokens = math.ceil(run_cfg.tokens / per_step) * per_step
     return 6.0 * flop_params(new_model(corpus, run_cfg.model, 0)) * tokens

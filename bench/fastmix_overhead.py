@@ -51,9 +51,8 @@ def main() -> None:
     from fastmix.config import CONF_DIR
     from fastmix.cost import CostMeter
     from fastmix.data import prepare_corpus
-    from fastmix.optimizer import SearchContext
-    from fastmix.pipeline import build, train_on_mixture
-    from fastmix.train import resolve_device, set_threads
+    from fastmix.pipeline import build, search_context
+    from fastmix.train import resolve_device, set_threads, train_on_mixture
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"proxy={args.proxy}", "optimizer=fastmix", f"proxy.tokens={args.tokens}",
@@ -73,9 +72,7 @@ def main() -> None:
                              progress=False)
             times["plain"] = time.perf_counter() - t
         with meter.stage("fastmix"):
-            ctx = SearchContext(corpus, objective, meter, cfg.seed, Path(tmp) / "fastmix",
-                                lambda w, out, seed=cfg.seed, **kw: train_on_mixture(
-                                    corpus, cfg.proxy, w, out, device, meter, seed, progress=False, **kw), cfg)
+            ctx = search_context(cfg, corpus, objective, meter, device, Path(tmp) / "fastmix")
             t = time.perf_counter()
             result = build(cfg.optimizer).search(ctx)
             times["fastmix"] = time.perf_counter() - t

@@ -45,8 +45,8 @@ def main() -> None:
     from fastmix.data import prepare_corpus
     from fastmix.method import head_hypergradient, hypergradient
     from fastmix.sampling import MixtureSampler
-    from fastmix.pipeline import build, new_model
-    from fastmix.train import StepInfo, Trainer, resolve_device, set_threads
+    from fastmix.pipeline import build
+    from fastmix.train import StepInfo, Trainer, new_model, resolve_device, set_threads
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"proxy={args.proxy}", "optimizer=fastmix", "progress=false",

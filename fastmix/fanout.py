@@ -4,7 +4,7 @@ a Submitit job array on SLURM.
 
 A unit is a picklable callable applied to one job; it writes its own record and
 returns it, so a re-run of an interrupted search finds the finished units'
-records and re-runs only the rest (see `fastmix.pipeline.ProxyUnit`). Every
+records and re-runs only the rest (see `fastmix.proxies.ProxyUnit`). Every
 executor runs all jobs it can before reporting failures, so one bad unit does
 not throw away the others' work.
 """

@@ -184,7 +184,7 @@ class FastMixHook:
         self.opt.zero_grad()
         self.z.grad = dz
         self.opt.step()
-        ctx.set_loss_weights(self.weights.numpy())
+        ctx.set_loss_weights(dict(zip(self.names, self.weights.tolist())))
         # Cost of the outer step: forwards of the objective batch and the micro-batch,
         # and the gradient passes to `params` (forward-sized work on those parameters).
         n_grad = sum(p.numel() for p in params)
@@ -279,12 +279,12 @@ class FastMix:
             z0 = torch.tensor([math.log(share[n]) for n in names])
         else:
             z0 = torch.zeros(len(names))
-        T, lr_z, planned = self.schedule(ctx.cfg.proxy)
-        rows = self.rows_per_group(ctx.cfg.proxy)
+        T, lr_z, planned = self.schedule(ctx.proxy)
+        rows = self.rows_per_group(ctx.proxy)
         hook = FastMixHook(names, ctx.objective, z0, lr_z, self.betas, self.entropy_reg, self.grad_params,
                            self.val_batch_size, ctx.seed, self.val_batch, rows)
         w0 = dict(zip(names, torch.softmax(z0.double(), 0).tolist()))
-        ctx.train_proxy(w0, ctx.out_dir / "proxy", weighted=True, hook=hook, hook_every=T, desc="fastmix")
+        ctx.proxies.train(w0, ctx.out_dir / "proxy", weighted=True, hook=hook, hook_every=T, desc="fastmix")
         weights = dict(zip(names, hook.weights.tolist()))
         return SearchResult(weights, trace=hook.trace, info={
             "outer_steps": len(hook.trace), "outer_every": T, "z_lr": lr_z, "planned_outer_steps": planned,

@@ -111,12 +111,16 @@ class Objective:
             self._rows[context] = rows
         return self._rows[context]
 
-    @torch.no_grad()
     def loss(self, model, device, meter=None, precision: str = "bf16") -> float:
+        return self.losses(model, device, meter, precision)[0]
+
+    @torch.no_grad()
+    def losses(self, model, device, meter=None, precision: str = "bf16") -> tuple[float, dict[str, float]]:
+        """(the loss, each group's mean token loss) from one pass over the rows."""
         from fastmix.models import flop_params
         was_training = model.training
         model.eval()
-        total = 0.0
+        total, groups = 0.0, {}
         for g, (ids, mask) in self.rows(model.config.max_position_embeddings).items():
             num = den = 0.0
             for i in range(0, len(ids), self.batch_size):
@@ -129,8 +133,9 @@ class Objective:
                 if meter is not None:
                     meter.add_forward(flop_params(model), tl.numel())
             total += self.weights[g] * num / max(den, 1.0)
+            groups[g] = num / max(den, 1.0)
         model.train(was_training)
-        return total
+        return total, groups
 
     def sample_batch(self, rng: np.random.Generator, batch_size: int, context: int) -> Batch:
         """Random rows, each row's group drawn by the weights (FastMix's outer-step batch)."""

@@ -3,22 +3,28 @@ class with `search(ctx) -> SearchResult`, built by Hydra from
 `conf/optimizer/<name>.yaml` through its `_target_`.
 
 The context hands a method everything it may use, and nothing else: the
-tokenized sources, the objective, a proxy factory, the one training loop
-(`ctx.train_proxy`) and the one cost meter, so that every method pays for its
-proxies the same way.
+tokenized sources, the objective, the device, the proxy's and the target's run
+settings, the eval settings, the proxies (`ctx.proxies`: fastmix.proxies, the one
+training loop) and the one cost meter, so that every method pays for its proxies
+the same way. It carries no raw job config.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import torch
 
 from fastmix.cost import CostMeter
 from fastmix.data import Corpus
 from fastmix.errors import UserError
+
+if TYPE_CHECKING:
+    from fastmix.objective import Objective
+    from fastmix.proxies import ProxyRunner
+    from fastmix.schema import EvalSchema, RunSchema
 
 
 def validate_weights(weights: dict[str, float], sources: list[str], what: str = "mixture weights",
@@ -45,16 +51,16 @@ def validate_weights(weights: dict[str, float], sources: list[str], what: str = 
 
 @dataclass
 class SearchContext:
-    corpus: Corpus
-    objective: Any  # fastmix.objective.Objective
-    meter: CostMeter
+    corpus: Corpus  # the sources searched over (CLIMB's clusters, if it regroups them)
+    objective: Objective  # what the search minimises, on the original sources' val split
+    meter: CostMeter  # the job's one meter; its open stage is the search
     seed: int
     out_dir: Path  # the method's own folder for checkpoints and proxy runs
-    train_proxy: Callable[..., Any]  # fastmix.pipeline.train_proxy bound to this job's config
-    cfg: Any = None  # the whole job config, read-only
-    # run_proxies(weights_list, tag) -> records: one proxy per mixture, fanned out through
-    # the configured executor, resumable (fastmix.pipeline.proxy_runner)
-    run_proxies: Callable[[list[dict[str, float]], str], list[dict]] | None = None
+    proxies: ProxyRunner  # run(jobs) -> records, train(weights, out_dir, hook=...)
+    device: torch.device
+    proxy: RunSchema  # the proxy's run settings (fastmix.schema; every default filled)
+    target: RunSchema  # the target's run settings (the oracle trains targets)
+    eval: EvalSchema  # the eval settings (DeMix's score=suite)
 
     @property
     def sources(self) -> list[str]:
@@ -77,7 +83,9 @@ class SearchResult:
         return self
 
 
+@runtime_checkable
 class MixtureOptimizer(Protocol):
+    """What every method is: fastmix.pipeline.build refuses an optimizer that is not."""
     name: str
     # the YAML's keys: a dataclass of fastmix.schema.MethodParams with each key's type
     # and allowed values, checked before the method is built (fastmix.schema.check_params)
@@ -85,10 +93,15 @@ class MixtureOptimizer(Protocol):
 
     def search(self, ctx: SearchContext) -> SearchResult: ...
 
-    # Optional: proxy runs the method plans for K sources at its configured scale
-    # (bench/compare_methods.py extrapolates paper-scale costs from it).
+    # proxy runs the method plans for K sources at its configured scale (0 for the
+    # no-search rows; bench/compare_methods.py extrapolates paper-scale costs from it)
     def planned_proxy_runs(self, n_sources: int) -> int: ...
 
-    # Optional: regroup the sources before the search (CLIMB's clustering stage);
-    # the search and the target model then use the returned corpus.
-    def prepare_corpus(self, corpus: Corpus, cfg: Any) -> Corpus: ...
+
+@runtime_checkable
+class RegroupsSources(Protocol):
+    """A method that regroups the sources before its search (CLIMB's clustering stage):
+    the search and the target then use the returned corpus. `data`: the job's data
+    settings (where caches go); `meter`: charged for the regrouping."""
+
+    def prepare_corpus(self, corpus: Corpus, data: Any, meter: CostMeter | None = None) -> Corpus: ...

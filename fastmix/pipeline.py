@@ -11,65 +11,29 @@ files; a barrier follows a write that other ranks read next.
 """
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from submitit.helpers import Checkpointable
 
 from fastmix import distributed, records, schema
-from fastmix.cost import Cost, CostMeter
-from fastmix.data import Corpus, check_not_sealed, prepare_corpus, test_split_sealed
+from fastmix.cost import CostMeter
+from fastmix.data import Corpus, prepare_corpus, test_split_sealed
 from fastmix.errors import UserError
 from fastmix.evaluation import evaluate_suite, lm_eval_commands, load_tasks, suite_from_config
 from fastmix.fanout import InProcess
 from fastmix.logs import quiet_library_bars
-from fastmix.models import build_model, save_with_tokenizer
+from fastmix.models import save_with_tokenizer
 from fastmix.objective import ValidationObjective
-from fastmix.optimizer import SearchContext, SearchResult
-from fastmix.sampling import MixtureSampler
-from fastmix.train import Trainer, resolve_device, set_threads
+from fastmix.optimizer import MixtureOptimizer, RegroupsSources, SearchContext, SearchResult
+from fastmix.proxies import ProxyRunner
+from fastmix.train import resolve_device, set_threads, train_on_mixture
 
 log = logging.getLogger(__name__)
-
-
-def new_model(corpus: Corpus, shape: DictConfig, seed: int):
-    tok = corpus.tokenizer
-    return build_model(OmegaConf.to_container(shape), corpus.vocab_size, tok.bos_token_id,
-                       tok.eos_token_id, tok.pad_token_id, seed=seed)
-
-
-def train_on_mixture(corpus: Corpus, run_cfg: DictConfig, weights: dict[str, float], out_dir: Path,
-                     device: torch.device, meter: CostMeter, seed: int, weighted: bool = False,
-                     hook=None, hook_every: int = 1, desc: str = "train", progress: bool = True,
-                     init_from: Path | None = None, identity: str | None = None):
-    """Train a fresh model of `run_cfg.model` on a mixture through the one loop.
-    weighted=False: sources sampled by w. weighted=True: sampled uniformly, loss
-    weighted by w (FastMix, DoReMi). `init_from`: start from a saved model's
-    weights instead (DeMix's components continue one shared base). `identity`: the
-    fingerprint a checkpoint must carry to be resumed (fastmix.train.Trainer). Returns
-    (model, last metrics)."""
-    model = new_model(corpus, run_cfg.model, seed)
-    if init_from is not None:
-        from transformers import AutoModelForCausalLM
-        model.load_state_dict(AutoModelForCausalLM.from_pretrained(init_from).state_dict())
-    arrays = {s: corpus.tokens[s]["train"] for s in corpus.sources}
-    masks = {s: corpus.mask(s, "train") for s in corpus.sources}
-    # batch_size is per rank: every rank draws the global micro-batch and trains on its rows
-    sampler = MixtureSampler(arrays, run_cfg.model.context, run_cfg.batch_size * distributed.world_size(), seed,
-                             probs=None if weighted else weights,
-                             loss_weights=weights if weighted else None, masks=masks)
-    trainer = Trainer(model, sampler, run_cfg, device, meter, out_dir, hook=hook, hook_every=hook_every,
-                      desc=desc, progress=progress, identity=identity)
-    last = trainer.train()
-    return model, last
 
 
 def per_source_test_loss(model, corpus: Corpus, cfg_eval, device, meter, precision) -> dict[str, float]:
@@ -80,171 +44,13 @@ def per_source_test_loss(model, corpus: Corpus, cfg_eval, device, meter, precisi
             for s in corpus.sources}
 
 
-@dataclass
-class ProxyJob:
-    index: int
-    tag: str
-    weights: dict[str, float]
-    out_dir: str  # absolute: the unit may run in another process or on another node
-    seed: int
-    init_from: str | None = None  # a saved model to continue from (DeMix's components)
-    keep_model: bool = False  # save the trained proxy to <out_dir>/model (MixMin, DeMix score them later)
-    tokens: int | None = None  # this run's token budget, if not the proxy config's
-    overrides: dict | None = None  # proxy-config keys replaced for this run (DeMix's components: lr, warmup)
-    score_split: str = "val"  # the objective's split it is scored on (test: the oracle's grid of targets)
-
-
-@contextmanager
-def unit_lock(out: Path):
-    """Hold an exclusive lock on a unit's folder while it runs: two jobs that share a
-    folder (the oracle's grid, trained by every seed's oracle job of a sweep) never
-    train the same unit twice; the second waits, then finds the record. flock works
-    on local disks and on most cluster file systems (NFSv4, Lustre with flock)."""
-    if distributed.world_size() > 1:  # data-parallel ranks run the unit together
-        yield
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-class ProxyUnit(Checkpointable):
-    """One proxy run as a resumable unit: train a proxy on `weights` through the one
-    loop, score it on the objective, write `record.json` (mixture, objective,
-    cost) and drop the checkpoint. A finished unit returns its record without
-    training. Picklable (the job config travels as a plain dict), so it runs the
-    same in this process, in a worker process or as a SLURM array task. A Submitit
-    `Checkpointable`: a task that times out or is preempted is requeued with the
-    same job, and the loop resumes from the unit's checkpoint.pt (the default
-    `checkpoint` method resubmits `self(job)`: the state that matters is on disk).
-
-    A record is reused only if it was made by the same setup: `setup` lists what
-    decides its numbers and the record keeps its fingerprint. Any other record in
-    the folder (another config, an earlier version's record without one) is
-    retrained and overwritten, with a warning naming what changed, in the job's own
-    folder and in a shared one alike (the oracle's grid, `where=`): a shared record
-    that no longer matches is a stale measurement, the one thing a reused grid must
-    not keep; the unit lock keeps two jobs from training it at once. `corpus`: the
-    searched sources' cache key (their contents, tokenizer and splits; for CLIMB's
-    clusters also the clustering)."""
-
-    def __init__(self, cfg: dict, threads: int | None = None, corpus: str | None = None):
-        self.cfg, self.threads, self.corpus = cfg, threads, corpus
-        self._loaded = None  # (corpus, objective), built on first use in the process that runs it
-
-    def __getstate__(self):
-        return {"cfg": self.cfg, "threads": self.threads, "corpus": self.corpus, "_loaded": None}
-
-    def setup(self, cfg: DictConfig, job: ProxyJob) -> dict:
-        """Everything that determines a unit's record, normalised as a job's config is."""
-        base = None  # the record `init_from` comes from: a retrained base invalidates what continued it
-        if job.init_from and (Path(job.init_from).parent / "record.json").exists():
-            base = json.loads((Path(job.init_from).parent / "record.json").read_text()).get("fingerprint")
-        return records.job_config({
-            "proxy": cfg.proxy, "data": cfg.data, "objective": cfg.objective, "device": cfg.device,
-            "seed": job.seed, "tokens": job.tokens, "weights": job.weights, "score_split": job.score_split,
-            "init_from": job.init_from, "base": base, "corpus": self.corpus})
-
-    def _load(self):
-        if self._loaded is None:
-            cfg = OmegaConf.create(self.cfg)
-            corpus = prepare_corpus(cfg.data)  # the token cache: no work after the parent built it
-            objective = instantiate(cfg.objective, _partial_=True)(corpus=corpus)
-            self._loaded = search_corpus(build(cfg.optimizer), corpus, cfg), objective
-        return self._loaded
-
-    def __call__(self, job: ProxyJob) -> dict:
-        with unit_lock(Path(job.out_dir)):
-            return self._run(job, Path(job.out_dir))
-
-    def _run(self, job: ProxyJob, out: Path) -> dict:
-        record_path = out / "record.json"
-        cfg = OmegaConf.create(self.cfg)
-        if job.tokens is not None:
-            cfg.proxy.tokens = job.tokens
-        if job.overrides:
-            cfg.proxy = OmegaConf.merge(cfg.proxy, job.overrides)
-        setup = self.setup(cfg, job)
-        key = records.fingerprint(setup)
-        if record_path.exists():
-            record = json.loads(record_path.read_text())
-            if record.get("fingerprint") == key:
-                return record
-            why = (records.config_changes(record["setup"], setup) if "setup" in record
-                   else "no fingerprint: an earlier version made it")
-            log.warning("%s: retraining, its record was made by another setup (%s)", out, why)
-        if self.threads:
-            set_threads(self.threads)
-        corpus, objective = self._load()
-        device = resolve_device(cfg.device)
-        meter = CostMeter(device)
-        # a search's proxy reads train and val only, in a worker too; a test-split score is
-        # the oracle's grid (checked in the searching process when it was asked for)
-        sealed = nullcontext() if job.score_split == "test" else test_split_sealed(f"proxy {job.tag}/{job.index}")
-        with sealed, meter.stage("proxy"):
-            meter.add_proxy_run()
-            model, _ = train_on_mixture(corpus, cfg.proxy, job.weights, out, device, meter, job.seed,
-                                        desc=f"proxy {job.tag}/{job.index}", progress=False,
-                                        init_from=Path(job.init_from) if job.init_from else None,
-                                        identity=key)
-            scored = objective.held_out() if job.score_split == "test" else objective
-            value = scored.loss(model, device, meter, cfg.proxy.precision)
-        record = {"index": job.index, "tag": job.tag, "weights": job.weights, "objective": value,
-                  "split": job.score_split, "cost": meter.stages["proxy"].to_dict(), "seed": job.seed,
-                  "dir": str(out), "fingerprint": key, "setup": setup}
-        if job.keep_model:
-            record["model_dir"] = str(out / "model")
-        if job.overrides:
-            record["overrides"] = dict(job.overrides)
-        if distributed.is_main():
-            if job.keep_model:
-                model.save_pretrained(out / "model")  # before the record: a record means the model is there
-            records.write_json(record_path, record)
-            (out / "checkpoint.pt").unlink(missing_ok=True)  # a paper-scale proxy checkpoint is ~300 MB
-        distributed.barrier()  # every rank sees the record (and model) before its next `exists` check
-        return record
-
-
-def proxy_runner(cfg: DictConfig, corpus: Corpus, objective, meter: CostMeter, folder: Path):
-    """`ctx.run_proxies(weights_list, tag)`: one proxy per mixture through the executor
-    in `cfg.executor`; returns their records in order and charges their costs
-    (finished earlier or just now, here or elsewhere) to the open stage."""
-    # Data-parallel ranks train each proxy together, one after the other: fanning out
-    # from every rank would run each proxy W times (and the workers would inherit the
-    # launcher's variables).
-    executor = build(cfg.executor, "executor", folder=str(folder / "submitit")) if distributed.world_size() == 1 else InProcess()
-    unit = ProxyUnit(OmegaConf.to_container(cfg, resolve=True), getattr(executor, "threads", None),
-                     Path(str(corpus.root)).name)
-    if executor.name == "inprocess":
-        unit._loaded = corpus, objective  # already in memory
-
-    def run_proxies(weights_list: list[dict[str, float]], tag: str, init_from: str | Path | None = None,
-                    keep_model: bool = False, tokens: int | None = None,
-                    overrides: dict | None = None, seeds: list[int] | None = None,
-                    where: str | Path | None = None, score_split: str = "val",
-                    names: list[str] | None = None) -> list[dict]:
-        """`seeds`: one per mixture (default: the job's); `where`: another folder for the
-        units (shared between jobs, e.g. the oracle's grid); `score_split`: what they are
-        scored on; `names`: the units' folder names (default <tag>_<index>)."""
-        if score_split == "test":
-            check_not_sealed("its proxies' scores on the test split")  # only the oracle, which is not sealed
-        base = Path(where) if where is not None else folder
-        names = names or [f"{tag}_{i:04d}" for i in range(len(weights_list))]
-        jobs = [ProxyJob(i, tag, {k: float(v) for k, v in w.items()}, str(base / names[i]),
-                         cfg.seed if seeds is None else int(seeds[i]), None if init_from is None else str(init_from),
-                         keep_model, tokens, overrides, score_split)
-                for i, w in enumerate(weights_list)]
-        log.info("%s: %d proxy runs (%s executor)", tag, len(jobs), executor.name)
-        with meter.elsewhere():
-            results = executor.map(unit, jobs)
-        for r in results:
-            meter.add(Cost.from_dict(r["cost"]))
-        return results
-    return run_proxies
+def proxy_settings(cfg: DictConfig) -> dict:
+    """The plain config pieces a proxy unit needs, wherever it runs: the proxy's run
+    settings (it trains), the device, and the data and objective (it fingerprints
+    them, and builds the objective in a worker); and the target's, which name the
+    oracle's grid (ProxyRunner.landscape_key)."""
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+            for k in ("proxy", "data", "objective", "device", "train")}
 
 
 def search_corpus(optimizer, corpus: Corpus, cfg: DictConfig, meter: CostMeter | None = None) -> Corpus:
@@ -253,13 +59,12 @@ def search_corpus(optimizer, corpus: Corpus, cfg: DictConfig, meter: CostMeter |
     objective and the per-source validation losses stay on the original data.
     Given a meter, the method charges the regrouping's recorded cost to it (the
     same on a cache hit: every job that uses the clusters pays for them once)."""
-    prepare = getattr(optimizer, "prepare_corpus", None)
-    if prepare is None:
+    if not isinstance(optimizer, RegroupsSources):
         return corpus
     if meter is None:
-        return prepare(corpus, cfg)
+        return optimizer.prepare_corpus(corpus, cfg.data)
     with meter.elsewhere():
-        return prepare(corpus, cfg, meter)
+        return optimizer.prepare_corpus(corpus, cfg.data, meter)
 
 
 def build(node: DictConfig, group: str = "optimizer", **extra):
@@ -271,11 +76,31 @@ def build(node: DictConfig, group: str = "optimizer", **extra):
     # resolved here: `scale: ${scale}` points at the job config's root
     params = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"}
     try:
-        return instantiate(params, _convert_="all", **extra)
+        built = instantiate(params, _convert_="all", **extra)
     except InstantiationException as e:  # Hydra wraps the method's own bad-input message
         if isinstance(e.__cause__, UserError):
             raise e.__cause__ from None
         raise
+    if group == "optimizer" and not isinstance(built, MixtureOptimizer):
+        raise UserError(f"optimizer {params.get('_target_')} is not a mixture optimizer: it needs `name`, "
+                        f"`Params`, `search(ctx)` and `planned_proxy_runs(n)` (fastmix.optimizer.MixtureOptimizer).")
+    return built
+
+
+def search_context(cfg: DictConfig, sources: Corpus, objective, meter: CostMeter, device, out_dir: Path,
+                   identity: str | None = None, objective_root: Path | None = None) -> SearchContext:
+    """The context a method searches in, built from the job's config: the only place
+    a method's view of the config is made (it gets typed settings, not the config)."""
+    # Data-parallel ranks train each proxy together, one after the other: fanning out
+    # from every rank would run each proxy W times (and the workers would inherit the
+    # launcher's variables).
+    executor = (build(cfg.executor, "executor", folder=str(out_dir / "proxies" / "submitit"))
+                if distributed.world_size() == 1 else InProcess())
+    proxy = schema.run_config(cfg.proxy)
+    runner = ProxyRunner(sources, objective, meter, device, proxy, proxy_settings(cfg), executor,
+                         out_dir / "proxies", cfg.seed, cfg.progress, identity, objective_root=objective_root)
+    return SearchContext(sources, objective, meter, cfg.seed, out_dir, runner, device, proxy,
+                         schema.run_config(cfg.train), schema.eval_config(cfg.eval))
 
 
 def run_search(cfg: DictConfig, optimizer, corpus: Corpus, objective, meter: CostMeter, device,
@@ -284,14 +109,7 @@ def run_search(cfg: DictConfig, optimizer, corpus: Corpus, objective, meter: Cos
     proxy is paid for through `meter`'s search stage, in process or fanned out."""
     with meter.stage("search"):
         sources = search_corpus(optimizer, corpus, cfg, meter)  # = corpus unless the method regroups it
-
-        def train_proxy(weights, out_dir, seed=cfg.seed, **kw):
-            meter.add_proxy_run()
-            return train_on_mixture(sources, cfg.proxy, weights, out_dir, device, meter, seed,
-                                    progress=cfg.progress, identity=identity, **kw)
-        run_proxies = proxy_runner(cfg, sources, objective, meter, out_dir / "proxies")
-        ctx = SearchContext(sources, objective, meter, cfg.seed, out_dir, train_proxy, cfg,
-                            run_proxies=run_proxies)
+        ctx = search_context(cfg, sources, objective, meter, device, out_dir, identity, corpus.root)
         # the method may not read the test split (fastmix.data: the seal; the oracle is exempt)
         sealed = nullcontext() if getattr(optimizer, "reads_test_split", False) else test_split_sealed(
             f"optimizer={getattr(optimizer, 'name', type(optimizer).__name__)}")

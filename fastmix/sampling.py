@@ -10,6 +10,7 @@ w differentiable, and is how FastMix and DoReMi train. One sampler does both:
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,8 +62,10 @@ class MixtureSampler:
         self.loss_weights = _as_vector(self.names, loss_weights, "loss weights")
         self.rng = np.random.Generator(np.random.PCG64(seed))
 
-    def set_loss_weights(self, w: np.ndarray | torch.Tensor) -> None:
-        self.loss_weights = np.asarray(w.detach().cpu() if isinstance(w, torch.Tensor) else w, dtype=np.float64)
+    def set_loss_weights(self, w: Mapping[str, float]) -> None:
+        """New per-source loss weights, by source name: a hook and the sampler agree on
+        the order because neither relies on one."""
+        self.loss_weights = _as_vector(self.names, w, "loss weights")
 
     def weights_of(self, source: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.loss_weights[source.numpy()].astype(np.float32))

@@ -36,23 +36,27 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from fastmix import distributed
 from fastmix.cost import Cost, CostMeter
 from fastmix.fused_loss import fused_linear_cross_entropy, tune_malloc
-from fastmix.models import flop_params
+from fastmix.models import build_model, flop_params
 from fastmix.records import atomic_file, write_text_atomic
 from fastmix.sampling import Batch, MixtureSampler
 from fastmix.schema import run_config
+
+if TYPE_CHECKING:
+    from fastmix.data import Corpus
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +109,7 @@ class HookContext:
     grad_accum: int
     total_steps: int
     meter: CostMeter  # charge the hook's own work here
-    set_loss_weights: Callable[[np.ndarray], None]  # the sampler's per-source loss weights
+    set_loss_weights: Callable[[Mapping[str, float]], None]  # the sampler's loss weights, by source name
 
 
 class Hook(Protocol):
@@ -430,3 +434,36 @@ class Trainer:
         self.cost.add_time(now - self._t0, self.meter.devices)
         self._t0 = now
         self.save_checkpoint()
+
+
+# ------------------------------------------------ one model on one mixture ---
+def new_model(corpus: Corpus, shape: DictConfig, seed: int):
+    tok = corpus.tokenizer
+    return build_model(OmegaConf.to_container(shape), corpus.vocab_size, tok.bos_token_id,
+                       tok.eos_token_id, tok.pad_token_id, seed=seed)
+
+
+def train_on_mixture(corpus: Corpus, run_cfg: DictConfig, weights: dict[str, float], out_dir: Path,
+                     device: torch.device, meter: CostMeter, seed: int, weighted: bool = False,
+                     hook=None, hook_every: int = 1, desc: str = "train", progress: bool = True,
+                     init_from: Path | None = None, identity: str | None = None):
+    """Train a fresh model of `run_cfg.model` on a mixture through the one loop.
+    weighted=False: sources sampled by w. weighted=True: sampled uniformly, loss
+    weighted by w (FastMix, DoReMi). `init_from`: start from a saved model's
+    weights instead (DeMix's components continue one shared base). `identity`: the
+    fingerprint a checkpoint must carry to be resumed (fastmix.train.Trainer). Returns
+    (model, last metrics)."""
+    model = new_model(corpus, run_cfg.model, seed)
+    if init_from is not None:
+        from transformers import AutoModelForCausalLM
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(init_from).state_dict())
+    arrays = {s: corpus.tokens[s]["train"] for s in corpus.sources}
+    masks = {s: corpus.mask(s, "train") for s in corpus.sources}
+    # batch_size is per rank: every rank draws the global micro-batch and trains on its rows
+    sampler = MixtureSampler(arrays, run_cfg.model.context, run_cfg.batch_size * distributed.world_size(), seed,
+                             probs=None if weighted else weights,
+                             loss_weights=weights if weighted else None, masks=masks)
+    trainer = Trainer(model, sampler, run_cfg, device, meter, out_dir, hook=hook, hook_every=hook_every,
+                      desc=desc, progress=progress, identity=identity)
+    last = trainer.train()
+    return model, last

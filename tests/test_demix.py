@@ -4,16 +4,14 @@ rounding and temperature by hand, the search on hand-built components through a
 fake context, the presets, and end to end."""
 import json
 import math
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import compose, run_cli
+from conftest import compose, run_cli, scripted_context
 
 from baselines.demix import DeMix, cap_weights, demix_mixtures, merge, merge_into
-from fastmix.cost import CostMeter
 from fastmix.errors import UserError
 from fastmix.models import build_model, flop_params
 
@@ -154,9 +152,9 @@ def trained_objective(w):
 PROXY = {"tokens": 1000, "lr": 0.01, "warmup_steps": 10, "precision": "fp32"}
 
 
-def fake_ctx(tmp_path, seed=0):
-    from omegaconf import OmegaConf
-    sources, calls = ["a", "b", "c", "d"], []
+def fake_ctx(tmp_path, seed=0, eval=None):
+    """A real SearchContext whose base and components are saved models with w read back
+    from their norm weights, and whose checked proxies score `trained_objective`."""
     base = build_model(SHAPE, V, seed=0)
     base.save_pretrained(tmp_path / "base")
     for k in range(4):
@@ -164,20 +162,19 @@ def fake_ctx(tmp_path, seed=0):
             base.model.norm.weight[:4] = torch.eye(4)[k]
         base.save_pretrained(tmp_path / f"comp{k}")
 
-    def run_proxies(weights_list, tag, init_from=None, keep_model=False, tokens=None, overrides=None):
-        calls.append((tag, len(weights_list), init_from, keep_model, tokens, overrides))
-        if tag == "demix_check":
-            return [{"index": i, "tag": tag, "weights": w, "objective": trained_objective(w), "cost": {},
-                     "dir": ""} for i, w in enumerate(weights_list)]
-        dirs = ["base"] if tag == "demix_base" else [f"comp{k}" for k in range(4)]
-        return [{"index": i, "tag": tag, "weights": w, "objective": 1.0, "cost": {}, "dir": "",
-                 "model_dir": str(tmp_path / d)} for i, (w, d) in enumerate(zip(weights_list, dirs))]
-    meter = CostMeter(torch.device("cpu"))
-    share = dict(zip(sources, [0.25, 0.25, 0.25, 0.25]))
-    return types.SimpleNamespace(sources=sources, objective=NormObjective(), meter=meter, seed=seed,
-                                 cfg=OmegaConf.create({"proxy": PROXY}),
-                                 token_share=lambda: share, run_proxies=run_proxies, calls=calls,
-                                 n_params=sum(t.numel() for t in base.state_dict().values()))
+    def score(job):
+        if job.tag == "demix_check":
+            return trained_objective(job.weights), None
+        return 1.0, str(tmp_path / ("base" if job.tag == "demix_base" else f"comp{job.index}"))
+    ctx = scripted_context(dict.fromkeys("abcd", 0.25), NormObjective(), tmp_path, score, seed, PROXY, eval)
+    ctx.n_params = sum(t.numel() for t in base.state_dict().values())
+    return ctx
+
+
+def calls(ctx) -> list[tuple]:
+    """(tag, proxies, init_from, keep_model, tokens, overrides) of each call to ctx.proxies.run."""
+    return [(j[0].tag, len(j), j[0].init_from, j[0].keep_model, j[0].tokens, j[0].overrides)
+            for j in ctx.proxies.calls]
 
 
 def test_search_narrows_towards_the_best_merge(tmp_path):
@@ -189,7 +186,7 @@ def test_search_narrows_towards_the_best_merge(tmp_path):
         res = opt.search(ctx).validated(ctx.sources)
     # components: 0.2 of the base's 1000 tokens, at 0.1 x the proxy's lr, warmup 10 x 0.2 steps;
     # the check: 5 proxies of the proxy config from scratch (no init, default budget and lr)
-    assert ctx.calls == [("demix_base", 1, None, True, None, None),
+    assert calls(ctx) == [("demix_base", 1, None, True, None, None),
                          ("demix_component", 4, str(tmp_path / "base"), True, 200,
                           {"lr": pytest.approx(0.001), "warmup_steps": 2}),
                          ("demix_check", 5, None, False, None, None)]
@@ -228,15 +225,12 @@ def test_search_narrows_towards_the_best_merge(tmp_path):
 
 def test_rank_check_flags_a_merge_that_ranks_against_training(tmp_path, monkeypatch):
     ctx = fake_ctx(tmp_path)
-    inner = ctx.run_proxies
+    inner = ctx.proxies.score
 
-    def reversed_proxies(weights_list, tag, **kw):  # trained proxies that rank opposite to the merges
-        out = inner(weights_list, tag, **kw)
-        if tag == "demix_check":
-            for r in out:
-                r["objective"] = -r["objective"]
-        return out
-    ctx.run_proxies = reversed_proxies
+    def reversed_proxies(job):  # trained proxies that rank opposite to the merges
+        value, model_dir = inner(job)
+        return (-value if job.tag == "demix_check" else value), model_dir
+    ctx.proxies.score = reversed_proxies
     opt = DeMix(scale="smoke", smoke={"n0": 8, "n_candidates": 200, "pool_draws": 500, "top_k": 8,
                                       "component_fraction": 0.5, "rank_check": 4}, component_lr_scale=0.3,
                 component_warmup_steps=0)
@@ -244,7 +238,7 @@ def test_rank_check_flags_a_merge_that_ranks_against_training(tmp_path, monkeypa
         res = opt.search(ctx)
     check = res.info["proxy_check"]
     assert check["n"] == 4 and check["spearman"] < 0 and check["passed"] is False
-    assert ctx.calls[1][4:] == (500, {"lr": pytest.approx(0.003), "warmup_steps": 0})
+    assert calls(ctx)[1][4:] == (500, {"lr": pytest.approx(0.003), "warmup_steps": 0})
     off = DeMix(scale="smoke", smoke={"n0": 8, "n_candidates": 200, "pool_draws": 500, "top_k": 8,
                                       "component_fraction": 0.5, "rank_check": 0})
     ctx = fake_ctx(tmp_path / "off")
@@ -256,7 +250,6 @@ def test_rank_check_flags_a_merge_that_ranks_against_training(tmp_path, monkeypa
 def test_suite_score_is_maximised(tmp_path, monkeypatch):
     """score=suite: the merged model's eval-suite average, higher is better (the paper's
     benchmarks); the search minimises its negative and charges through the suite."""
-    from omegaconf import OmegaConf
 
     import fastmix.evaluation as ev
     seen = []
@@ -271,9 +264,8 @@ def test_suite_score_is_maximised(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "evaluate_suite", fake_suite)
 
     def suite_ctx(path):
-        ctx = fake_ctx(path)
-        ctx.cfg = OmegaConf.create({"eval": {"name": "local", "batch_size": 4, "limit": 7}, "proxy": PROXY})
-        ctx.corpus = types.SimpleNamespace(tokenizer="tok")
+        ctx = fake_ctx(path, eval={"name": "local", "batch_size": 4, "limit": 7})
+        ctx.corpus.tokenizer = "tok"
         return ctx
     ctx = suite_ctx(tmp_path)
     opt = DeMix(scale="demo", score="suite", regressor="lightgbm",
@@ -293,7 +285,7 @@ def test_suite_score_is_maximised(tmp_path, monkeypatch):
     again = suite_ctx(tmp_path / "again")
     with pytest.raises(UserError, match="eval suite"):
         opt.search(again)
-    assert again.calls == []  # refused before any proxy trains
+    assert again.proxies.calls == []  # refused before any proxy trains
 
 
 def test_ridge_below_32_and_presets():

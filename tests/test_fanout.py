@@ -10,11 +10,12 @@ import torch
 from conftest import compose
 from hydra.utils import instantiate
 
-from fastmix import pipeline
+from fastmix import pipeline, proxies
 from fastmix.cost import CostMeter
 from fastmix.data import prepare_corpus
 from fastmix.errors import UserError
 from fastmix.fanout import UnitsFailed
+from fastmix.proxies import ProxyJob
 
 
 @pytest.fixture
@@ -26,6 +27,12 @@ def setup(tiny_corpus, cache_dir):
         objective = instantiate(cfg.objective, _partial_=True)(corpus=corpus)
         return cfg, corpus, objective
     return make
+
+
+def run(cfg, corpus, objective, meter, where, ws, tag, **kw):
+    """The proxies of a search in `where` (units under where/proxies/), as a method asks."""
+    ctx = pipeline.search_context(cfg, corpus, objective, meter, torch.device("cpu"), where)
+    return ctx.proxies.run([ProxyJob(w, tag, **kw) for w in ws])
 
 
 def mixtures(sources, n):
@@ -40,67 +47,68 @@ def test_records_and_costs(setup, tmp_path):
     cfg, corpus, objective = setup()
     meter = CostMeter(torch.device("cpu"))
     with meter.stage("search"):
-        run = pipeline.proxy_runner(cfg, corpus, objective, meter, tmp_path / "proxies")
-        recs = run(mixtures(corpus.sources, 3), "round1")
-    assert [r["index"] for r in recs] == [0, 1, 2]
+        recs = run(cfg, corpus, objective, meter, tmp_path, mixtures(corpus.sources, 3), "round1")
+    assert [r.index for r in recs] == [0, 1, 2]
     for r, w in zip(recs, mixtures(corpus.sources, 3)):
-        assert r["weights"] == pytest.approx(w) and math.isfinite(r["objective"]) and r["objective"] > 0
-        saved = json.loads((tmp_path / "proxies" / f"round1_{r['index']:04d}" / "record.json").read_text())
-        assert saved == r
-        assert not (tmp_path / "proxies" / f"round1_{r['index']:04d}" / "checkpoint.pt").exists()
+        assert r.weights == pytest.approx(w) and math.isfinite(r.objective) and r.objective > 0
+        saved = json.loads((tmp_path / "proxies" / f"round1_{r.index:04d}" / "record.json").read_text())
+        assert saved == r.to_dict()
+        assert not (tmp_path / "proxies" / f"round1_{r.index:04d}" / "checkpoint.pt").exists()
+        # every objective group's loss from the same pass; the objective weights them
+        assert set(r.losses) == set(objective.weights)
+        assert r.objective == pytest.approx(sum(objective.weights[g] * v for g, v in r.losses.items()))
     search = meter.stages["search"]
     assert search.proxy_runs == 3
-    assert search.flops == pytest.approx(sum(r["cost"]["flops"] for r in recs))
-    assert search.tokens == sum(r["cost"]["tokens"] for r in recs)
+    assert search.flops == pytest.approx(sum(r.cost["flops"] for r in recs))
+    assert search.tokens == sum(r.cost["tokens"] for r in recs)
     # the stage's wall time is the proxies' own time (plus a little bookkeeping), not twice it
-    proxy_wall = sum(r["cost"]["wall_seconds"] for r in recs)
+    proxy_wall = sum(r.cost["wall_seconds"] for r in recs)
     assert proxy_wall <= search.wall_seconds <= proxy_wall + 1.0
 
 
 def test_interrupted_fanout_retrains_only_the_missing(setup, tmp_path, monkeypatch, caplog):
     cfg, corpus, objective = setup()
     trained, broken = [], [True]
-    real = pipeline.train_on_mixture
+    real = proxies.train_on_mixture
 
     def flaky(corpus, run_cfg, weights, out_dir, *a, **kw):
         trained.append(out_dir.name)
         if out_dir.name == "r_0002" and broken[0]:
             raise RuntimeError("node lost")
         return real(corpus, run_cfg, weights, out_dir, *a, **kw)
-    monkeypatch.setattr(pipeline, "train_on_mixture", flaky)
+    monkeypatch.setattr(proxies, "train_on_mixture", flaky)
     ws = mixtures(corpus.sources, 4)
 
     meter = CostMeter(torch.device("cpu"))
     with meter.stage("search"):
-        run = pipeline.proxy_runner(cfg, corpus, objective, meter, tmp_path)
         with pytest.raises(UnitsFailed, match="1 of 4 proxy runs failed"):
-            run(ws, "r")
+            run(cfg, corpus, objective, meter, tmp_path, ws, "r")
     assert sorted(trained) == ["r_0000", "r_0001", "r_0002", "r_0003"]  # the others still ran
-    first = {p.parent.name: p.stat().st_mtime_ns for p in tmp_path.glob("r_*/record.json")}
+    first = {p.parent.name: p.stat().st_mtime_ns for p in tmp_path.glob("proxies/r_*/record.json")}
     assert sorted(first) == ["r_0000", "r_0001", "r_0003"]
 
     trained.clear()
     broken[0] = False
     meter = CostMeter(torch.device("cpu"))
     with meter.stage("search"):
-        recs = pipeline.proxy_runner(cfg, corpus, objective, meter, tmp_path)(ws, "r")
+        recs = run(cfg, corpus, objective, meter, tmp_path, ws, "r")
     assert trained == ["r_0002"]
-    assert all((tmp_path / n / "record.json").stat().st_mtime_ns == t for n, t in first.items())
+    assert all((tmp_path / "proxies" / n / "record.json").stat().st_mtime_ns == t for n, t in first.items())
     # the search still pays for all four, wherever and whenever they ran
     assert meter.stages["search"].proxy_runs == 4
-    assert meter.stages["search"].flops == pytest.approx(sum(r["cost"]["flops"] for r in recs))
+    assert meter.stages["search"].flops == pytest.approx(sum(r.cost["flops"] for r in recs))
 
     # the same folders asked for other mixtures, or under another proxy config: retrained
     # (a warning names what changed), nothing silently reused; the same setup again: reused
     for over, changed in [((), "weights."), (("proxy.lr=0.01",), "proxy.lr 0.003 → 0.01")]:
         trained.clear()
-        with meter.stage("again"), caplog.at_level(logging.WARNING, logger="fastmix.pipeline"):
-            again = pipeline.proxy_runner(setup(*over)[0], corpus, objective, meter, tmp_path)(ws[1::-1], "r")
+        with meter.stage("again"), caplog.at_level(logging.WARNING, logger="fastmix.proxies"):
+            again = run(setup(*over)[0], corpus, objective, meter, tmp_path, ws[1::-1], "r")
         assert trained == ["r_0000", "r_0001"] and changed in caplog.text, caplog.text
-        assert [r["weights"] for r in again] == ws[1::-1]
+        assert [r.weights for r in again] == ws[1::-1]
     trained.clear()
     with meter.stage("reused"):
-        pipeline.proxy_runner(setup("proxy.lr=0.01")[0], corpus, objective, meter, tmp_path)(ws[1::-1], "r")
+        run(setup("proxy.lr=0.01")[0], corpus, objective, meter, tmp_path, ws[1::-1], "r")
     assert trained == []
 
 
@@ -110,26 +118,27 @@ def test_local_processes_match_in_process(setup, tmp_path):
     ws = mixtures(corpus.sources, 2)
     meter = CostMeter(torch.device("cpu"))
     with meter.stage("search"):
-        here = pipeline.proxy_runner(setup()[0], corpus, objective, meter, tmp_path / "a")(ws, "x")
-        there = pipeline.proxy_runner(cfg, corpus, objective, meter, tmp_path / "b")(ws, "x")
-    assert [r["objective"] for r in there] == pytest.approx([r["objective"] for r in here], rel=1e-4)
+        here = run(setup()[0], corpus, objective, meter, tmp_path / "a", ws, "x")
+        there = run(cfg, corpus, objective, meter, tmp_path / "b", ws, "x")
+    assert [r.objective for r in there] == pytest.approx([r.objective for r in here], rel=1e-4)
+    assert [r.losses for r in there] == [pytest.approx(r.losses, rel=1e-4) for r in here]
     assert meter.stages["search"].proxy_runs == 4
     # a 1-thread worker on a 2-core machine uses half of it: device-hours count that share
     share = 1 / len(os.sched_getaffinity(0))
     for r in there:
-        assert r["cost"]["devices"] == pytest.approx(share)
-        assert r["cost"]["device_hours"] == pytest.approx(r["cost"]["wall_seconds"] * share / 3600)
+        assert r.cost["devices"] == pytest.approx(share)
+        assert r.cost["device_hours"] == pytest.approx(r.cost["wall_seconds"] * share / 3600)
 
 
 def test_executors_are_built_by_target_and_sbatch_is_checked(setup, tmp_path, monkeypatch):
     from fastmix.fanout import InProcess, LocalProcesses
     for name, cls in (("inprocess", InProcess), ("local", LocalProcesses)):
         cfg, _, _ = setup(f"executor={name}")
-        assert type(pipeline.build(cfg.executor, folder=str(tmp_path))) is cls
+        assert type(pipeline.build(cfg.executor, "executor", folder=str(tmp_path))) is cls
     monkeypatch.setenv("PATH", str(tmp_path))
     cfg, _, _ = setup("executor=slurm")
     with pytest.raises(UserError, match="sbatch"):
-        pipeline.build(cfg.executor, folder=str(tmp_path))
+        pipeline.build(cfg.executor, "executor", folder=str(tmp_path))
 
 
 def test_keep_model_and_continue_from_it(setup, tmp_path):
@@ -140,15 +149,15 @@ def test_keep_model_and_continue_from_it(setup, tmp_path):
     meter = CostMeter(torch.device("cpu"))
     w = mixtures(corpus.sources, 1)
     with meter.stage("search"):
-        (base,) = pipeline.proxy_runner(cfg, corpus, objective, meter, tmp_path)(w, "base", keep_model=True)
+        (base,) = run(cfg, corpus, objective, meter, tmp_path, w, "base", keep_model=True)
         frozen, _, _ = setup("proxy.lr=0")
-        (cont,) = pipeline.proxy_runner(frozen, corpus, objective, meter, tmp_path)(
-            w, "cont", init_from=base["model_dir"], keep_model=True, tokens=512)
-    a = AutoModelForCausalLM.from_pretrained(base["model_dir"]).state_dict()
-    b = AutoModelForCausalLM.from_pretrained(cont["model_dir"]).state_dict()
+        (cont,) = run(frozen, corpus, objective, meter, tmp_path, w, "cont", init_from=base.model_dir,
+                      keep_model=True, tokens=512)
+    a = AutoModelForCausalLM.from_pretrained(base.model_dir).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(cont.model_dir).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert cont["objective"] == pytest.approx(base["objective"], rel=1e-5)
-    assert cont["cost"]["tokens"] < base["cost"]["tokens"]  # the continuation's own, smaller budget
+    assert cont.objective == pytest.approx(base.objective, rel=1e-5)
+    assert cont.cost["tokens"] < base.cost["tokens"]  # the continuation's own, smaller budget
 
 
 def test_preempted_proxy_task_is_requeued_and_resumes(setup, tmp_path):
@@ -158,15 +167,15 @@ def test_preempted_proxy_task_is_requeued_and_resumes(setup, tmp_path):
     import time
 
     import submitit
-    from omegaconf import OmegaConf
     cfg, corpus, objective = setup("proxy.tokens=400000", "proxy.ckpt_every=10")
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    # a worker gets plain settings and the corpus's folder, as on a SLURM node
+    unit = lambda: proxies.ProxyUnit(pipeline.proxy_settings(cfg), str(corpus.root), str(corpus.root), threads=1)
     w = mixtures(corpus.sources, 1)[0]
-    ref = pipeline.ProxyUnit(plain, threads=1)(pipeline.ProxyJob(0, "ref", w, str(tmp_path / "ref"), seed=0))
+    ref = unit()(ProxyJob(w, "ref", seed=0, out_dir=str(tmp_path / "ref")))
     ex = submitit.AutoExecutor(folder=str(tmp_path / "submitit"), cluster="local")
     ex.update_parameters(timeout_min=10, cpus_per_task=1)
     out = tmp_path / "cut"
-    job = ex.submit(pipeline.ProxyUnit(plain, threads=1), pipeline.ProxyJob(0, "cut", w, str(out), seed=0))
+    job = ex.submit(unit(), ProxyJob(w, "cut", seed=0, out_dir=str(out)))
     deadline = time.time() + 120
     while not (out / "checkpoint.pt").exists() and time.time() < deadline:
         time.sleep(0.05)

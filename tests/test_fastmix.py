@@ -209,7 +209,9 @@ def test_hook_against_independent_code():
     assert torch.allclose(traced, g, rtol=1e-4)  # -lr x <G_val, G_k> at the model's current lr
     w1 = hook.weights
     assert w1[0] > 1 / 3 > w1[1], w1  # towards "a", the objective's kind of text
-    assert np.allclose(trainer.loss_weights, w1.numpy())  # the sampler trains the next rows with the new w
+    # the sampler trains the next rows with the new w, handed over by source name
+    assert list(trainer.loss_weights) == ["a", "b", "c"]
+    assert np.allclose(list(trainer.loss_weights.values()), w1.numpy())
     # only the head is differentiated: the outer step charges forwards of the full model
     # and gradient work on the head's parameters alone, and changes no model weight
     assert {n for n, _ in trainer.forward_flops} >= {head.numel()}

@@ -5,12 +5,11 @@ and ours), the per-row log-likelihoods against `Objective.loss`, group weights
 and the held-out split, the search on a fake context, and end to end."""
 import json
 import math
-import types
 
 import numpy as np
 import pytest
 import torch
-from conftest import compose, run_cli
+from conftest import compose, run_cli, scripted_context
 
 from baselines.mixmin import (
     MixMin,
@@ -307,22 +306,18 @@ def test_yaml_builds_ours_and_the_published_values():
 def test_search_on_saved_proxies(tmp_path):
     """Three saved models stand in for the proxies: one call to run_proxies with one-hot
     mixtures and keep_model, one charged scoring pass per proxy, the curve in the trace."""
-    sources, calls = ["x", "y", "z"], []
+    sources = ["x", "y", "z"]
     models = [build_model(SHAPE, V, seed=s) for s in range(3)]
     for i, m in enumerate(models):
         m.save_pretrained(tmp_path / f"p{i}")
-
-    def run_proxies(weights_list, tag, init_from=None, keep_model=False, tokens=None):
-        calls.append((tag, weights_list, keep_model, tokens))
-        return [{"index": i, "tag": tag, "weights": w, "objective": 1.0, "cost": {}, "dir": "",
-                 "model_dir": str(tmp_path / f"p{i}")} for i, w in enumerate(weights_list)]
-    meter = CostMeter(torch.device("cpu"))
-    ctx = types.SimpleNamespace(sources=sources, objective=TwoGroups(), meter=meter, seed=0, cfg=None,
-                                run_proxies=run_proxies)
+    ctx = scripted_context(dict.fromkeys(sources, 1 / 3), TwoGroups(), tmp_path,
+                           lambda job: (1.0, str(tmp_path / f"p{job.index}")), proxy={"precision": "bf16"})
+    meter = ctx.meter
     with meter.stage("search"):
         res = MixMin().search(ctx).validated(sources)
-    assert calls == [("mixmin", [{"x": 1.0, "y": 0.0, "z": 0.0}, {"x": 0.0, "y": 1.0, "z": 0.0},
-                                 {"x": 0.0, "y": 0.0, "z": 1.0}], True, None)]
+    assert [[(j.tag, j.weights, j.keep_model, j.tokens) for j in jobs] for jobs in ctx.proxies.calls] == [
+        [("mixmin", {"x": 1.0, "y": 0.0, "z": 0.0}, True, None), ("mixmin", {"x": 0.0, "y": 1.0, "z": 0.0}, True, None),
+         ("mixmin", {"x": 0.0, "y": 0.0, "z": 1.0}, True, None)]]
     assert meter.stages["search"].flops == 3 * 2.0 * flop_params(models[0]) * 9 * SHAPE["context"]
     curve = [r for r in res.trace if r["kind"] == "mirror_descent"]
     assert curve[-1]["weights"] == pytest.approx(list(res.weights.values()))

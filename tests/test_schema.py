@@ -75,10 +75,23 @@ def test_shipped_configs_pass(experiment, group):
 @pytest.mark.parametrize("scale", ["smoke", "demo", "paper"])
 def test_every_optimizer_yaml_matches_its_params(optimizer, scale):
     """Every key of conf/optimizer/<name>.yaml is declared by the class's Params and
-    every declared key is set, at every scale; the YAML then builds."""
+    every declared key is set, at every scale; the YAML then builds, into an object of
+    the method protocol (fastmix.optimizer.MixtureOptimizer)."""
+    from fastmix.optimizer import MixtureOptimizer, RegroupsSources
     from fastmix.pipeline import build
     cfg = compose([f"optimizer={optimizer}", f"scale={scale}"])
-    assert schema.check_params(cfg.optimizer, "optimizer").__name__ == type(build(cfg.optimizer)).__name__
+    built = build(cfg.optimizer)
+    assert schema.check_params(cfg.optimizer, "optimizer").__name__ == type(built).__name__
+    assert isinstance(built, MixtureOptimizer) and built.planned_proxy_runs(3) >= 0
+    assert isinstance(built, RegroupsSources) == (optimizer == "climb")
+
+
+def test_an_object_that_is_not_a_method_is_refused():
+    from fastmix.pipeline import build
+    cfg = compose(["optimizer=uniform"])
+    cfg.optimizer._target_ = "fastmix.fanout.InProcess"
+    with pytest.raises(UserError, match="is not a mixture optimizer: it needs"):
+        build(cfg.optimizer)
 
 
 def test_bad_value_stops_the_job_with_exit_2(smoke_args, tmp_path):

@@ -13,6 +13,7 @@ from fastmix.data import SealedSplitRead, prepare_corpus
 from fastmix.objective import ValidationObjective
 from fastmix.optimizer import SearchResult
 from fastmix.pipeline import run_search
+from fastmix.proxies import ProxyJob
 from fastmix.tasks import build_local_suite
 
 
@@ -49,8 +50,8 @@ READS = {
     "a test loss mask": lambda ctx: ctx.corpus.mask(ctx.sources[0], "test"),
     "the held-out objective": lambda ctx: ctx.objective.held_out().rows(16),
     "the test-split task suite": lambda ctx: build_local_suite(ctx.corpus, ctx.out_dir / "suite", 2),
-    "proxies scored on test": lambda ctx: ctx.run_proxies([{s: 1.0 for s in ctx.sources}], "t",
-                                                          score_split="test"),
+    "proxies scored on test": lambda ctx: ctx.proxies.run([ProxyJob({s: 1.0 for s in ctx.sources}, "t",
+                                                                    score="test")]),
 }
 
 
