@@ -42,7 +42,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 
 from analysis.plots import NO_SEARCH_HOURS, pareto_front, save_figure
-from analysis.tables import COST_COLS, TableError, _cell, hours_label, load_results, paired_within_noise
+from analysis.tables import COST_COLS, TableError, mean_std_cell, hours_label, load_results, paired_within_noise
 from fastmix import records
 from fastmix.cli import run_tool
 
@@ -99,13 +99,13 @@ def regret_table(rows: pd.DataFrame, noise_floor: float | None) -> tuple[pd.Data
     s["x_fastmix"] = s["search_hours"] / ref if ref else np.nan
     s = s.sort_values("regret", kind="stable")
     t = pd.DataFrame(index=s.index)
-    t["Regret"] = [("≈ " if near else "") + _cell(m, v, ".3f", " ± ")
+    t["Regret"] = [("≈ " if near else "") + mean_std_cell(m, v, ".3f", " ± ")
                    for m, v, near in zip(s["regret"], s["regret std"], s["within_noise"])]
-    t["Normalised regret"] = [_cell(m, v, ".2f", " ± ") for m, v in zip(s["normalized_regret"],
+    t["Normalised regret"] = [mean_std_cell(m, v, ".2f", " ± ") for m, v in zip(s["normalized_regret"],
                                                                          s["normalized_regret std"])]
-    t["Objective loss (test)"] = [_cell(m, v, ".3f", " ± ") for m, v in zip(s["objective_loss"],
+    t["Objective loss (test)"] = [mean_std_cell(m, v, ".3f", " ± ") for m, v in zip(s["objective_loss"],
                                                                              s["objective_loss std"])]
-    t["Search device-hours"] = [_cell(m, v, ".3g", " ± ") for m, v in zip(s["search_hours"], s["search_hours std"])]
+    t["Search device-hours"] = [mean_std_cell(m, v, ".3g", " ± ") for m, v in zip(s["search_hours"], s["search_hours std"])]
     t["FLOPs"] = [f"{f:.2e}" for f in s["search_flops"]]
     t["Proxy runs"] = [f"{p:g}" for p in s["proxy_runs"]]
     t["x FastMix"] = ["-" if pd.isna(x) else f"{x:.3g}" for x in s["x_fastmix"]]

@@ -155,7 +155,7 @@ def hours_label(df: pd.DataFrame) -> str:
     return "GPU-hours" if df["device"].str.startswith("cuda").all() else "device-hours"
 
 
-def _cell(mean: float, std: float, fmt: str, pm: str) -> str:
+def mean_std_cell(mean: float, std: float, fmt: str, pm: str) -> str:
     if pd.isna(mean):
         return "-"
     return f"{mean:{fmt}}" if pd.isna(std) else f"{mean:{fmt}}{pm}{std:{fmt}}"
@@ -168,13 +168,13 @@ def results_table(df: pd.DataFrame, metric: str = "auto") -> pd.DataFrame:
     pm, fmt = " ± ", (".1f" if higher else ".3f")
     table = pd.DataFrame(index=s.index)
     split = "/".join(sorted(set(s["eval_split"]))) or "test"
-    table[f"Objective loss ({split})"] = [("≈ " if near else "") + _cell(m, v, ".3f", pm) for m, v, near in
+    table[f"Objective loss ({split})"] = [("≈ " if near else "") + mean_std_cell(m, v, ".3f", pm) for m, v, near in
                                          zip(s["objective_loss"], s["objective_loss std"], s["within_noise"])]
     for c in bench:
-        table[c.split(":", 1)[1]] = [_cell(m, v, fmt, pm) for m, v in zip(s[c], s[f"{c} std"])]
-    table["Avg" if higher else "Avg loss"] = [_cell(m, v, fmt, pm) for m, v in zip(s["average"], s["average std"])]
+        table[c.split(":", 1)[1]] = [mean_std_cell(m, v, fmt, pm) for m, v in zip(s[c], s[f"{c} std"])]
+    table["Avg" if higher else "Avg loss"] = [mean_std_cell(m, v, fmt, pm) for m, v in zip(s["average"], s["average std"])]
     table["#Best"] = [f"{b}/{len(bench)}" for b in s["best_on"]]
-    table[f"Search {hours_label(df)}"] = [_cell(m, v, ".3g", pm) for m, v in zip(s["search_hours"], s["search_hours std"])]
+    table[f"Search {hours_label(df)}"] = [mean_std_cell(m, v, ".3g", pm) for m, v in zip(s["search_hours"], s["search_hours std"])]
     table["FLOPs"] = [f"{f:.2e}" for f in s["search_flops"]]
     table["Proxy runs"] = [f"{p:g}" for p in s["proxy_runs"]]
     table["x FastMix"] = ["-" if pd.isna(x) else f"{x:.3g}" for x in s["x_fastmix"]]

@@ -353,6 +353,46 @@ class DeMix:
         return lambda m: -float(evaluate_suite(m, ctx.corpus.tokenizer, suite, device, ev.batch_size,
                                                ev.get("limit"), ctx.meter, precision)["average"])
 
+    def _rounds(self, seed: int, prior: np.ndarray, score, trace: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rounds (public sample.py / train_predictor.py): n0 generated mixtures merged
+        and scored, then each round n0 / 2^(r-1) drawn at random among the regressor's top_k
+        predicted of the candidate pool. Returns (every scored mixture, its score, the pool)."""
+        rng = np.random.default_rng(seed)
+        gen = {k: v for k, v in self.generator.items() if k != "sample_multiplier"}
+        X = demix_mixtures(prior, self.n0, rng, self.n0 * int(self.generator["sample_multiplier"]), **gen)
+        pool = demix_mixtures(prior, self.n_candidates, rng, self.pool_draws, **gen)  # the code's 200k json
+        if len(X) < 2 or len(pool) < self.top_k:
+            raise UserError(f"the DeMix generator left {len(X)} distinct round-1 mixtures and {len(pool)} "
+                            f"candidates (need 2 and top_k = {self.top_k}): lower optimizer.minimum or raise "
+                            "optimizer.max_usage.")
+        y = score(X, 1)
+        for round_no in range(2, self.rounds + 1):
+            reg, reg_info = self._fit(X, y, seed)
+            trace.append({"kind": "regressor", "round": round_no - 1, **reg_info,
+                          "train_spearman": spearman(reg.predict(X), y)})
+            predicted = reg.predict(pool)
+            top = np.argsort(predicted, kind="stable")[:self.top_k]
+            n = self.n0 // 2 ** (round_no - 1)
+            chosen = rng.choice(top, size=n, replace=False)  # select_best_samples: at random among the best
+            trace.append({"kind": "selection", "round": round_no, "n_candidates": len(pool),
+                          "top_k": self.top_k, "predicted": [float(predicted[i]) for i in chosen]})
+            X = np.concatenate([X, pool[chosen]])
+            y = np.concatenate([y, score(pool[chosen], round_no)])
+
+        return X, y, pool
+
+    def _components(self, ctx: SearchContext, base_w: dict, tokens: int, overrides: dict):
+        """The shared base (Sec. 3.1) and one component per source continuing it on that
+        source alone: (base record, component records, their trace rows)."""
+        sources = list(ctx.sources)
+        (base,) = ctx.proxies.run([ProxyJob(base_w, "demix_base", keep_model=True, tokens=self.base_tokens)])
+        comps = ctx.proxies.run([ProxyJob({s: float(s == k) for s in sources}, "demix_component",
+                                          init_from=base.model_dir, keep_model=True, tokens=tokens,
+                                          overrides=overrides) for k in sources])
+        trace = [{"kind": "proxy", "role": "base", **base.to_dict()}]
+        trace += [{"kind": "proxy", "role": "component", "source": s, **r.to_dict()} for s, r in zip(sources, comps)]
+        return base, comps, trace
+
     def search(self, ctx: SearchContext) -> SearchResult:
         from transformers import AutoModelForCausalLM
         sources = list(ctx.sources)
@@ -363,14 +403,8 @@ class DeMix:
         base_w = share if self.base == "natural" else {s: 1.0 / K for s in sources}
         device, proxy_cfg = ctx.device, ctx.proxy
         comp_tokens, comp_overrides = self.component_regime(proxy_cfg)
-        precision = proxy_cfg.precision
-        scorer = self._scorer(ctx, device, precision)  # before any training: a missing suite stops now
-        (base,) = ctx.proxies.run([ProxyJob(base_w, "demix_base", keep_model=True, tokens=self.base_tokens)])
-        comps = ctx.proxies.run([ProxyJob({s: float(s == k) for s in sources}, "demix_component",
-                                          init_from=base.model_dir, keep_model=True, tokens=comp_tokens,
-                                          overrides=comp_overrides) for k in sources])
-        trace = [{"kind": "proxy", "role": "base", **base.to_dict()}]
-        trace += [{"kind": "proxy", "role": "component", "source": s, **r.to_dict()} for s, r in zip(sources, comps)]
+        scorer = self._scorer(ctx, device, proxy_cfg.precision)  # before any training: a missing suite stops now
+        base, comps, trace = self._components(ctx, base_w, comp_tokens, comp_overrides)
 
         merged = AutoModelForCausalLM.from_pretrained(base.model_dir).to(device)  # the one reused model
         states = [{k: v.to(device) for k, v in AutoModelForCausalLM.from_pretrained(c.model_dir)
@@ -386,28 +420,7 @@ class DeMix:
                 trace.append({"kind": kind, "round": round_no, "weights": as_dict(w), "objective": out[-1]})
             return np.array(out)
 
-        rng = np.random.default_rng(ctx.seed)
-        gen = {k: v for k, v in self.generator.items() if k != "sample_multiplier"}
-        X = demix_mixtures(prior, self.n0, rng, self.n0 * int(self.generator["sample_multiplier"]), **gen)
-        pool = demix_mixtures(prior, self.n_candidates, rng, self.pool_draws, **gen)  # the code's 200k json
-        if len(X) < 2 or len(pool) < self.top_k:
-            raise UserError(f"the DeMix generator left {len(X)} distinct round-1 mixtures and {len(pool)} "
-                            f"candidates (need 2 and top_k = {self.top_k}): lower optimizer.minimum or raise "
-                            "optimizer.max_usage.")
-        y = score(X, 1)
-        for round_no in range(2, self.rounds + 1):
-            reg, reg_info = self._fit(X, y, ctx.seed)
-            trace.append({"kind": "regressor", "round": round_no - 1, **reg_info,
-                          "train_spearman": spearman(reg.predict(X), y)})
-            predicted = reg.predict(pool)
-            top = np.argsort(predicted, kind="stable")[:self.top_k]
-            n = self.n0 // 2 ** (round_no - 1)
-            chosen = rng.choice(top, size=n, replace=False)  # select_best_samples: at random among the best
-            trace.append({"kind": "selection", "round": round_no, "n_candidates": len(pool),
-                          "top_k": self.top_k, "predicted": [float(predicted[i]) for i in chosen]})
-            X = np.concatenate([X, pool[chosen]])
-            y = np.concatenate([y, score(pool[chosen], round_no)])
-
+        X, y, pool = self._rounds(ctx.seed, prior, score, trace)
         reg, reg_info = self._fit(X, y, ctx.seed)
         trace.append({"kind": "regressor", "round": self.rounds, **reg_info,
                       "train_spearman": spearman(reg.predict(X), y)})

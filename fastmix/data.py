@@ -74,7 +74,7 @@ class SourceSpec:
         return h.hexdigest()
 
 
-def _files_under(path: Path) -> list[Path]:
+def files_under(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
@@ -92,7 +92,7 @@ def discover_sources(data_cfg) -> dict[str, SourceSpec]:
                     else "pass data.root=/path/to/dir holding one subfolder per source")
             raise UserError(f"data.root {'is not set' if root is None else f'{root} is not a directory'}: {hint}.")
         for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            specs[sub.name] = SourceSpec(sub.name, _files_under(sub), text_field=text_field)
+            specs[sub.name] = SourceSpec(sub.name, files_under(sub), text_field=text_field)
         if not specs:
             raise UserError(f"data.root {root} has no source subfolders: make one subfolder "
                             f"per source holding {'/'.join(TEXT_SUFFIXES)} files.")
@@ -108,7 +108,7 @@ def discover_sources(data_cfg) -> dict[str, SourceSpec]:
                             f"data.root=/path/to/the/folder holding {entry}, or fix data.files.{name}"
                             if relative and not root else f"fix data.files.{name}")
                     raise UserError(f"source '{name}': file {p} does not exist; {hint}.")
-                files += _files_under(p)
+                files += files_under(p)
             specs[name] = SourceSpec(name, files, text_field=text_field)
     elif kind == "hf":
         for name, kwargs in (data_cfg.datasets or {}).items():
@@ -240,7 +240,7 @@ def _doc_text(doc: Document) -> str:
     return doc if isinstance(doc, str) else doc.prompt + doc.answer
 
 
-def _doc_key(doc: Document) -> tuple:
+def doc_key(doc: Document) -> tuple:
     text = doc if isinstance(doc, str) else doc.prompt + "\x00" + doc.answer
     return hashlib.sha1(text.encode("utf-8", "replace")).digest(), text
 
@@ -251,7 +251,7 @@ def split_documents(docs: list[Document], val: float, test: float, name: str) ->
     if len(docs) < 3:
         raise UserError(f"source '{name}' has {len(docs)} document(s); at least 3 are needed "
                         f"(one each for train/val/test). Add documents or split its text into more.")
-    keyed = sorted(docs, key=_doc_key)
+    keyed = sorted(docs, key=doc_key)
     n_val = max(1, math.ceil(len(docs) * val))
     n_test = max(1, math.ceil(len(docs) * test))
     if n_val + n_test >= len(docs):

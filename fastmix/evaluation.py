@@ -403,6 +403,11 @@ def evaluate_suite(model, tokenizer, suite: dict, device, batch_size: int = 16, 
         log.info("eval: %d requests were longer than the model's context (%d tokens) and were "
                  "left-truncated, as lm-eval's HFLM does", lm.truncated, lm.max_length)
 
+    return _summary(suite, all_results, per_shot, lm)
+
+
+def _summary(suite: dict, all_results: dict, per_shot: dict, lm) -> dict:
+    """evaluate_suite's return value from lm-eval's results of every shot count."""
     scores = {t: sum(v) / len(v) for t, v in per_shot.items()}
     last = {t: all_results[f"{_shot_counts(e)[-1]}-shot"]["results"][t] for t, e in suite.items()}
 
@@ -423,3 +428,4 @@ def evaluate_suite(model, tokenizer, suite: dict, device, batch_size: int = 16, 
         "tokens": lm.tokens,
         "truncated": lm.truncated,
     }
+

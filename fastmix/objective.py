@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from fastmix.config import abspath
-from fastmix.data import (Corpus, Pair, SourceSpec, _doc_key, _files_under, check_not_sealed, iter_documents,
+from fastmix.data import (Corpus, Pair, SourceSpec, doc_key, files_under, check_not_sealed, iter_documents,
                           tokenize_documents)
 from fastmix.errors import UserError
 from fastmix.optimizer import validate_weights
@@ -214,7 +214,7 @@ def split_objective_documents(docs: list, tokens_of) -> dict[str, list] | None:
         return None
     halves: dict[str, list] = {"val": [], "test": []}
     size = {"val": 0, "test": 0}
-    for d in sorted(docs, key=_doc_key):
+    for d in sorted(docs, key=doc_key):
         side = "val" if size["val"] <= size["test"] else "test"
         halves[side].append(d)
         size[side] += tokens_of(d)
@@ -244,7 +244,7 @@ class TextFileObjective(Objective):
         p = abspath(path)
         if not p.exists():
             raise UserError(f"objective.path {p} does not exist: give a .txt/.jsonl file or a folder of them.")
-        docs = list(iter_documents(SourceSpec(name, _files_under(p))))
+        docs = list(iter_documents(SourceSpec(name, files_under(p))))
         if not docs:
             raise UserError(f"objective.path {p} holds no text.")
         dtype = "uint32"
@@ -301,7 +301,7 @@ class QAObjective(Objective):
             p = abspath(path)
             if not p.exists():
                 raise UserError(f"objective.path {p} does not exist.")
-            pairs = [d for d in iter_documents(SourceSpec(name, _files_under(p))) if isinstance(d, Pair)]
+            pairs = [d for d in iter_documents(SourceSpec(name, files_under(p))) if isinstance(d, Pair)]
             where = str(p)
             if len(pairs) < 2:
                 raise UserError(f"objective.path {p} holds {len(pairs)} prompt/answer pair(s) (rows with "
@@ -316,7 +316,7 @@ class QAObjective(Objective):
             where = f"source '{source}'"
         # a file's pairs in the order of a hash of their text (the sources' split order), then
         # every other one to val and test: neighbours in the file do not land side by side
-        self.file_pairs = sorted(pairs, key=_doc_key) if path is not None else None
+        self.file_pairs = sorted(pairs, key=doc_key) if path is not None else None
         self.source = source
         self.name, self.where, self.max_pairs, self.max_tokens = name, where, max_pairs, max_tokens_per_source
         self.weights = {name: 1.0}

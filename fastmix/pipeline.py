@@ -118,11 +118,9 @@ def run_search(cfg: DictConfig, optimizer, corpus: Corpus, objective, meter: Cos
         return sources, result.validated(sources.sources)
 
 
-def run_job(cfg: DictConfig, run_dir: Path) -> dict:
-    run_dir = Path(run_dir)
+def _start(cfg: DictConfig, run_dir: Path) -> torch.device:
+    """Check the config, set threads, ranks, device and seed; log where the job runs."""
     schema.check(cfg)  # a bad value stops here, before any work
-    # what DONE will record; a checkpoint in this folder is resumed only if saved under it
-    identity = records.fingerprint(records.job_config(cfg))
     threads = set_threads(cfg.threads)
     quiet_library_bars()
     distributed.init()  # before the device (cuda:LOCAL_RANK) and the meter (devices x ranks)
@@ -130,7 +128,12 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     log.info("device %s, %d torch threads, rank %d of %d, run folder %s", device, threads,
              distributed.rank(), distributed.world_size(), run_dir)
+    return device
 
+
+def _inputs(cfg: DictConfig):
+    """(corpus, objective, the eval settings, the eval suite): everything the job reads,
+    built and checked before any training, so missing text or task data stops it now."""
     # Rank 0 builds (or finds) the token cache first; the others then read it instead
     # of each training the same tokenizer.
     if not distributed.is_main():
@@ -139,12 +142,59 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     if distributed.is_main():
         distributed.barrier()
     objective = instantiate(cfg.objective, _partial_=True)(corpus=corpus)
-    scored = objective.held_out()  # the target's objective_loss, on the test split
-    scored.rows(cfg.train.model.context)  # too little test text stops the job now, before any training
+    objective.held_out().rows(cfg.train.model.context)  # the target's objective_loss needs test text
     ev = schema.eval_config(cfg.eval)  # the eval kind's keys with their defaults
     suite = suite_from_config(ev, corpus)
     if suite:
-        load_tasks(suite)  # a task whose data is missing stops the job now, before any training
+        load_tasks(suite)  # a task whose data is missing stops the job here
+    return corpus, objective, ev, suite
+
+
+def _evaluate(cfg: DictConfig, target, corpus: Corpus, objective, ev, suite: dict, device, meter: CostMeter,
+              run_dir: Path) -> dict:
+    """Every score of the target, on the test split (the search read the val split only)."""
+    precision = cfg.train.precision
+    val_loss = per_source_test_loss(target, corpus, ev, device, meter, precision)
+    objective_loss = objective.held_out().loss(target, device, meter, precision)
+    scores = (evaluate_suite(target, corpus.tokenizer, suite, device, ev.batch_size, ev.limit, meter, precision)
+              if suite else {"scores": {}, "metrics": {}, "average": None, "results": {}})
+    # re-scoring the saved model/ with stock lm-eval: the task folder and the commands
+    rescore = (lm_eval_commands(run_dir / "model", suite, ev.limit, ev.batch_size)
+               if suite and cfg.train.keep_model else {})
+    return {"val_loss": val_loss, "objective_loss": objective_loss, "scores": scores, "rescore": rescore}
+
+
+def _record(cfg: DictConfig, run_dir: Path, objective, result: SearchResult, meter: CostMeter, found: dict) -> dict:
+    """result.json's row; rank 0 writes eval.json, cost.json, result.json and, last, DONE."""
+    cost, scores, rescore, val_loss = meter.to_dict(), found["scores"], found["rescore"], found["val_loss"]
+    row = {
+        "optimizer": cfg.optimizer.name, "seed": cfg.seed, "data": cfg.data.name,
+        "objective": objective.describe(), "proxy": cfg.proxy.name, "target": cfg.train.name,
+        "weights": result.weights, "search_cost": cost["search"], "train_cost": cost["train"],
+        "eval_cost": cost["eval"], "eval_suite": cfg.eval.name, "eval": scores["scores"],
+        "eval_metrics": scores["metrics"], "eval_average": scores["average"], **rescore,
+        "eval_split": "test", "val_loss": val_loss, "val_loss_average": sum(val_loss.values()) / len(val_loss),
+        "objective_loss": found["objective_loss"], "search_info": result.info, "versions": records.versions(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if distributed.is_main():
+        records.write_json(run_dir / "eval.json", {"suite": cfg.eval.name, **rescore, **scores, "eval_split": "test",
+                                                   "val_loss": val_loss, "objective_loss": found["objective_loss"]})
+        records.write_json(run_dir / "cost.json", cost)
+        records.write_json(run_dir / "result.json", row)
+        (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the model is in model/; the rest is resume state
+        records.mark_done(run_dir, cfg)
+    distributed.barrier()  # no rank reports the job done before DONE is written
+    return row
+
+
+def run_job(cfg: DictConfig, run_dir: Path) -> dict:
+    """One job: search -> train the target -> evaluate -> record; returns result.json's row."""
+    run_dir = Path(run_dir)
+    device = _start(cfg, run_dir)
+    # what DONE will record; a checkpoint in this folder is resumed only if saved under it
+    identity = records.fingerprint(records.job_config(cfg))
+    corpus, objective, ev, suite = _inputs(cfg)
     optimizer = build(cfg.optimizer)
     meter = CostMeter(device)
 
@@ -164,36 +214,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
         if cfg.train.keep_model and distributed.is_main():
             save_with_tokenizer(target, corpus.tokenizer, run_dir / "model")
 
-    # 3. evaluate
+    # 3. evaluate, 4. record (rank 0 writes: the same numbers on every rank)
     with meter.stage("eval"):
-        # every score of the target on the test split; the search read the val split only
-        val_loss = per_source_test_loss(target, corpus, ev, device, meter, cfg.train.precision)
-        objective_loss = scored.loss(target, device, meter, cfg.train.precision)
-        scores = (evaluate_suite(target, corpus.tokenizer, suite, device, ev.batch_size, ev.limit,
-                                 meter, cfg.train.precision) if suite else
-                  {"scores": {}, "metrics": {}, "average": None, "results": {}})
-        # re-scoring the saved model/ with stock lm-eval: the task folder and the commands
-        rescore = (lm_eval_commands(run_dir / "model", suite, ev.limit, ev.batch_size)
-                   if suite and cfg.train.keep_model else {})
-
-    # 4. record (rank 0: the same numbers on every rank)
-    cost = meter.to_dict()
-    result_row = {
-        "optimizer": cfg.optimizer.name, "seed": cfg.seed, "data": cfg.data.name,
-        "objective": objective.describe(), "proxy": cfg.proxy.name, "target": cfg.train.name,
-        "weights": result.weights, "search_cost": cost["search"], "train_cost": cost["train"],
-        "eval_cost": cost["eval"], "eval_suite": cfg.eval.name, "eval": scores["scores"],
-        "eval_metrics": scores["metrics"], "eval_average": scores["average"], **rescore,
-        "eval_split": "test", "val_loss": val_loss, "val_loss_average": sum(val_loss.values()) / len(val_loss),
-        "objective_loss": objective_loss, "search_info": result.info, "versions": records.versions(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-    if distributed.is_main():
-        records.write_json(run_dir / "eval.json", {"suite": cfg.eval.name, **rescore, **scores, "eval_split": "test",
-                                                   "val_loss": val_loss, "objective_loss": objective_loss})
-        records.write_json(run_dir / "cost.json", cost)
-        records.write_json(run_dir / "result.json", result_row)
-        (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the model is in model/; the rest is resume state
-        records.mark_done(run_dir, cfg)
-    distributed.barrier()  # no rank reports the job done before DONE is written
-    return result_row
+        found = _evaluate(cfg, target, corpus, objective, ev, suite, device, meter, run_dir)
+    return _record(cfg, run_dir, objective, result, meter, found)

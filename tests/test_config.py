@@ -99,3 +99,14 @@ def test_modules_that_are_not_tools_say_where_the_tools_are():
         path = Path(spec.submodule_search_locations[0]) / "__main__.py" if spec.submodule_search_locations \
             else Path(spec.origin)
         assert 'if __name__ == "__main__"' in path.read_text() or path.name == "__main__.py", tool
+
+
+def test_decisions_index_is_current():
+    """docs/DECISIONS.md opens with one line per decision: the index matches the bullets."""
+    import importlib.util
+    path = Path(__file__).parents[1] / "scripts" / "decisions_index.py"
+    spec = importlib.util.spec_from_file_location("decisions_index", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--check"]) == 0
+    assert "- [Data](#data): Documents are split by a hash of their text" in mod.DOC.read_text()

@@ -264,7 +264,7 @@ def test_interrupted_build_leaves_no_manifest(small_build, tmp_path, monkeypatch
     def boom(ctx):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setitem(corpus._BUILDERS, "math", (boom, corpus._math_origin))
+    monkeypatch.setitem(corpus.BUILDERS, "math", (boom, corpus.math_origin))
     with pytest.raises(RuntimeError, match="simulated"):
         corpus.build_corpus(out, SMALL, cache_dir=CACHE, verbose=False)
     assert not (out / "manifest.json").exists()  # the build-complete marker is gone

@@ -73,7 +73,7 @@ def test_reads_txt_jsonl_and_parquet(tmp_path):
     (tmp_path / "a" / "one.txt").write_text("first document")
     (tmp_path / "a" / "two.jsonl").write_text('{"text": "second"}\n\n{"text": "third"}\n')
     pq.write_table(pa.table({"text": ["fourth", ""]}), tmp_path / "a" / "three.parquet")
-    spec = data.SourceSpec("a", data._files_under(tmp_path / "a"))
+    spec = data.SourceSpec("a", data.files_under(tmp_path / "a"))
     assert sorted(data.iter_documents(spec)) == ["first document", "fourth", "second", "third"]
 
 

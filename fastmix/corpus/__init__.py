@@ -56,7 +56,7 @@ Layout: one module per source (code, techdocs, drama, reference, math_source,
 dialogue), what they share in common.py, the build and the CLI in build.py.
 """
 from fastmix.corpus.build import (  # noqa: F401 -- the public API, and what tests patch
-    _BUILDERS,
+    BUILDERS,
     build_corpus,
     build_source,
     is_up_to_date,
@@ -75,4 +75,4 @@ from fastmix.corpus.common import (  # noqa: F401
     merge_small,
 )
 from fastmix.corpus.drama import fetch_shakespeare, split_play  # noqa: F401
-from fastmix.corpus.math_source import _math_origin  # noqa: F401
+from fastmix.corpus.math_source import math_origin  # noqa: F401

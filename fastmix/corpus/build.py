@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from fastmix import mathgen
-from fastmix.corpus.code import _code_items, _code_origin
+from fastmix.corpus.code import code_items, code_origin
 from fastmix.corpus.common import (
     DEFAULT_MAX_BYTES,
     DOCS_FILE,
@@ -21,25 +21,25 @@ from fastmix.corpus.common import (
     MIN_DOC_CHARS,
     SOURCES,
     Item,
-    _sha256_file,
+    sha256_file,
     clean_text,
 )
-from fastmix.corpus.dialogue import _dialogue_items, _dialogue_origin
-from fastmix.corpus.drama import _drama_items, _drama_origin
-from fastmix.corpus.math_source import _math_items, _math_origin
-from fastmix.corpus.reference import _reference_items, _reference_origin
-from fastmix.corpus.techdocs import _techdocs_items, _techdocs_origin
+from fastmix.corpus.dialogue import dialogue_items, dialogue_origin
+from fastmix.corpus.drama import drama_items, drama_origin
+from fastmix.corpus.math_source import math_items, math_origin
+from fastmix.corpus.reference import reference_items, reference_origin
+from fastmix.corpus.techdocs import techdocs_items, techdocs_origin
 from fastmix.records import atomic_file
 
-_BUILDERS: dict[str, tuple[Callable[[dict], list[Item]], Callable[[], str]]] = {
-    "code": (_code_items, _code_origin),
-    "techdocs": (_techdocs_items, _techdocs_origin),
-    "drama": (_drama_items, _drama_origin),
-    "reference": (_reference_items, _reference_origin),
-    "math": (_math_items, _math_origin),
-    "dialogue": (_dialogue_items, _dialogue_origin),
+BUILDERS: dict[str, tuple[Callable[[dict], list[Item]], Callable[[], str]]] = {
+    "code": (code_items, code_origin),
+    "techdocs": (techdocs_items, techdocs_origin),
+    "drama": (drama_items, drama_origin),
+    "reference": (reference_items, reference_origin),
+    "math": (math_items, math_origin),
+    "dialogue": (dialogue_items, dialogue_origin),
 }
-assert tuple(_BUILDERS) == SOURCES
+assert tuple(BUILDERS) == SOURCES
 
 
 def _order_key(source: str, key: str) -> str:
@@ -85,7 +85,7 @@ def _builder_hash() -> str:
 
 
 def _origins() -> dict[str, str]:
-    return {name: origin() for name, (_, origin) in _BUILDERS.items()}
+    return {name: origin() for name, (_, origin) in BUILDERS.items()}
 
 
 def read_manifest(out_dir: Path) -> dict | None:
@@ -111,14 +111,14 @@ def is_up_to_date(out_dir: Path, max_bytes_per_source: int = DEFAULT_MAX_BYTES) 
     origins = _origins()
     for name, entry in srcs.items():
         path = out_dir / name / DOCS_FILE
-        if entry.get("origin") != origins[name] or not path.is_file() or _sha256_file(path) != entry.get("sha256"):
+        if entry.get("origin") != origins[name] or not path.is_file() or sha256_file(path) != entry.get("sha256"):
             return False
     return True
 
 
 def build_source(name: str, out_dir: Path, max_bytes: int, cache_dir: Path) -> dict:
     """Build one source into out_dir/<name>/docs.jsonl; its manifest entry."""
-    items_fn, origin_fn = _BUILDERS[name]
+    items_fn, origin_fn = BUILDERS[name]
     docs = select_documents(name, items_fn({"cache_dir": cache_dir}), max_bytes)
     if not docs:
         # An empty JSONL makes `datasets` fail with an opaque StopIteration later.

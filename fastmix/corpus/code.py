@@ -6,7 +6,7 @@ import re
 import sysconfig
 from pathlib import Path
 
-from fastmix.corpus.common import CODE_WHOLE_CHARS, Item, _py_files, _read_text, chunk_paragraphs, clean_text
+from fastmix.corpus.common import CODE_WHOLE_CHARS, Item, py_files, read_text, chunk_paragraphs, clean_text
 
 # stdlib folders/files left out of `code`: tests, GUIs' demo code, third-party
 # packages, generated tables (encodings), a docs dump (pydoc_data), and
@@ -36,17 +36,17 @@ def split_code(src: str, target: int = CODE_WHOLE_CHARS // 2) -> list[str]:
     return out
 
 
-def _code_items(ctx: dict) -> list[Item]:
+def code_items(ctx: dict) -> list[Item]:
     root = Path(sysconfig.get_paths()["stdlib"])
     items = []
-    for rel, path in _py_files(root, _STDLIB_SKIP):
+    for rel, path in py_files(root, _STDLIB_SKIP):
         if Path(rel).name.startswith("_sysconfigdata"):
             continue
         items.append(Item(rel, lambda p=path, r=rel: [
             f"# {r}\n{piece}" if i == 0 else f"# {r} (continued)\n{piece}"
-            for i, piece in enumerate(split_code(clean_text(_read_text(p))))]))
+            for i, piece in enumerate(split_code(clean_text(read_text(p))))]))
     return items
 
 
-def _code_origin() -> str:
+def code_origin() -> str:
     return f"Python {platform.python_version()} standard library (sysconfig stdlib)"

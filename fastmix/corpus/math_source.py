@@ -9,10 +9,10 @@ MATH_DOCS = 3000         # x 8 problems each: about 1.6 MB
 MATH_PER_DOC = 8
 
 
-def _math_items(ctx: dict) -> list[Item]:
+def math_items(ctx: dict) -> list[Item]:
     docs = mathgen.problem_documents(MATH_DOCS, MATH_SEED, per_doc=MATH_PER_DOC)
     return [Item(f"{i:05d}", lambda d=d: [d]) for i, d in enumerate(docs)]
 
 
-def _math_origin() -> str:
+def math_origin() -> str:
     return f"generated, seed {MATH_SEED} (fastmix.mathgen, {MATH_DOCS} docs x {MATH_PER_DOC} problems)"

