@@ -205,20 +205,29 @@ class ValidationObjective(Objective):
                 for s, w in self.weights.items() if w > 0}
 
 
-def split_objective_documents(docs: list, tokens_of) -> dict[str, list] | None:
-    """An external objective's documents in two independent halves, like a source's
-    splits: ordered by a hash of their text (fastmix.data.split_documents' order),
-    each goes to the half with fewer tokens so far, so the two hold about the same
-    number of tokens. None for a single document (split by blocks of windows instead)."""
+def split_objective_documents(docs: list, lengths) -> dict[str, list[int]] | None:
+    """An external objective's documents (their indices) in two independent halves,
+    like a source's splits: ordered by a hash of their text (fastmix.data.split_documents'
+    order), each goes to the half with fewer tokens so far (`lengths`: each document's
+    tokens), so the two hold about the same number of tokens. None for a single
+    document (split by blocks of windows instead)."""
     if len(docs) < 2:
         return None
-    halves: dict[str, list] = {"val": [], "test": []}
+    halves: dict[str, list[int]] = {"val": [], "test": []}
     size = {"val": 0, "test": 0}
-    for d in sorted(docs, key=doc_key):
+    for i in sorted(range(len(docs)), key=lambda i: doc_key(docs[i])):
         side = "val" if size["val"] <= size["test"] else "test"
-        halves[side].append(d)
-        size[side] += tokens_of(d)
+        halves[side].append(i)
+        size[side] += int(lengths[i])
     return halves
+
+
+def _take(flat, mask, starts, lengths, idx: list[int], docs: list):
+    """The tokens (and loss mask) of documents `idx` of a tokenize_documents result, in
+    that order, as tokenizing those documents alone gives them (no mask without a pair)."""
+    cut = lambda a: np.concatenate([a[starts[i]:starts[i] + lengths[i]] for i in idx])
+    has_pair = mask is not None and any(isinstance(docs[i], Pair) for i in idx)
+    return cut(flat), (cut(mask) if has_pair else None)
 
 
 # a single-document text is split by blocks of this many consecutive windows, every
@@ -253,14 +262,14 @@ class TextFileObjective(Objective):
         self.weights = {name: 1.0}
         # val and test are independent: by document (a hash, as the sources are split), or
         # for a single document by blocks of windows
-        lengths = dict(zip(map(id, docs), tokenize_documents(tok, docs, dtype)[2]))
-        halves = split_objective_documents(docs, lambda d: int(lengths[id(d)]))
+        self.tokens, self.mask, lengths = tokenize_documents(tok, docs, dtype)  # once: the halves are slices
+        halves = split_objective_documents(docs, lengths)
         if halves is None:
-            self.tokens, self.mask, _ = tokenize_documents(tok, docs, dtype)
             self.halves = None
             self.split_info = {"by": f"blocks of {BLOCK_WINDOWS} windows", "documents": 1}
         else:
-            self.halves = {sp: tokenize_documents(tok, d, dtype)[:2] for sp, d in halves.items()}
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            self.halves = {sp: _take(self.tokens, self.mask, starts, lengths, idx, docs) for sp, idx in halves.items()}
             self.split_info = {"by": "document", "documents": {sp: len(d) for sp, d in halves.items()},
                                "tokens": {sp: int(len(t)) for sp, (t, _) in self.halves.items()}}
 
