@@ -455,7 +455,7 @@ class DamagedCache(UserError):
     """A cache folder whose files do not match its meta.json."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()  # sha256, not blake2b: hardware-accelerated on x86 and ARM, about twice as fast
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -468,7 +468,7 @@ def seal(folder: Path, meta: dict) -> dict:
     other file in the folder under "files" (what `cache_problems` checks)."""
     marker = folder / "meta.json"
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p != marker)
-    record = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    record = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
               for p in files}
     meta = {**meta, "files": record}
     write_text_atomic(marker, json.dumps(meta, indent=1))
@@ -499,7 +499,7 @@ def cache_problems(root: Path, verify: bool = False) -> tuple[dict | None, list[
             problems[rel] = f"{rel} has {size} bytes, meta.json says {rec['bytes']}"
     if problems or verify:
         for rel, rec in files.items():
-            if rel not in problems and _sha256(root / rel) != rec["sha256"]:
+            if rel not in problems and sha256_file(root / rel) != rec["sha256"]:
                 problems[rel] = f"{rel} does not match its checksum"
     return (None if problems else meta), list(problems.values())
 

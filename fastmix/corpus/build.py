@@ -21,7 +21,6 @@ from fastmix.corpus.common import (
     MIN_DOC_CHARS,
     SOURCES,
     Item,
-    sha256_file,
     clean_text,
 )
 from fastmix.corpus.dialogue import dialogue_items, dialogue_origin
@@ -29,6 +28,7 @@ from fastmix.corpus.drama import drama_items, drama_origin
 from fastmix.corpus.math_source import math_items, math_origin
 from fastmix.corpus.reference import reference_items, reference_origin
 from fastmix.corpus.techdocs import techdocs_items, techdocs_origin
+from fastmix.data import sha256_file
 from fastmix.records import atomic_file
 
 BUILDERS: dict[str, tuple[Callable[[dict], list[Item]], Callable[[], str]]] = {
