@@ -25,6 +25,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fastmix.errors import UserError
+from fastmix.records import SKIP_DONE
 
 
 def rule(*, ge=None, gt=None, le=None, lt=None, choices=None, check=None, default=MISSING, default_factory=None):
@@ -149,7 +150,7 @@ class TopSchema:
     device: str = "auto"
     # a folder with DONE: skipped if DONE records the same config (same_config), or whatever it
     # records (always: the behaviour before configs were recorded); fastmix.records.check_done
-    skip_done: str = rule(choices=("same_config", "always"), default="same_config")
+    skip_done: str = rule(choices=SKIP_DONE, default="same_config")
 
 
 def run_config(cfg) -> DictConfig:
