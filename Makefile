@@ -19,11 +19,11 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-$(CORPUS): $(STAMP) $(wildcard fastmix/corpus/*.py) fastmix/mathgen.py
-	$(PY) -m fastmix.corpus --out data/embedded
+$(CORPUS): $(STAMP) $(wildcard fastmix/data/embedded/*.py) fastmix/data/embedded/mathgen.py
+	$(PY) -m fastmix.data.embedded --out data/embedded
 
-$(SFT): $(CORPUS) fastmix/sft_corpus.py
-	$(PY) -m fastmix.sft_corpus --embedded data/embedded --out data/embedded_sft
+$(SFT): $(CORPUS) fastmix/data/embedded/sft.py
+	$(PY) -m fastmix.data.embedded.sft --embedded data/embedded --out data/embedded_sft
 
 corpus: $(CORPUS) $(SFT)
 

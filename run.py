@@ -1,11 +1,11 @@
 """FastMix Bench entry point: `python run.py [group=option ...] [-m for sweeps]`.
 
-Composes the config (conf/), runs the job's stages (fastmix.pipeline), and
+Composes the config (conf/), runs the job's stages (fastmix.run.pipeline), and
 leaves a run folder that analysis/ reads. Bad input stops with one message and
 a non-zero exit; a failed job writes error.txt and never DONE. A folder with DONE
 is skipped if DONE records the same config, else re-run (fastmix.records.check_done);
 every job ends with a few lines on what it found and cost. In a sweep a
-failed job does not stop the others: fastmix.sweep summarises them at the end.
+failed job does not stop the others: fastmix.run.sweep summarises them at the end.
 """
 import logging
 import sys
@@ -17,10 +17,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from fastmix import distributed, records, sweep
+from fastmix import records
 from fastmix.config import register_resolvers
 from fastmix.errors import UserError
 from fastmix.records import write_text_atomic
+from fastmix.run import sweep
+from fastmix.train import distributed
 
 register_resolvers()
 log = logging.getLogger("run")
@@ -28,7 +30,7 @@ log = logging.getLogger("run")
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg) -> str:
-    from fastmix.pipeline import run_job  # heavy imports after Hydra parsed the command line
+    from fastmix.run.pipeline import run_job  # heavy imports after Hydra parsed the command line
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)

@@ -42,7 +42,14 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 
 from analysis.plots import NO_SEARCH_HOURS, pareto_front, save_figure
-from analysis.tables import COST_COLS, TableError, mean_std_cell, hours_label, load_results, paired_within_noise
+from analysis.tables import (
+    COST_COLS,
+    TableError,
+    hours_label,
+    load_results,
+    mean_std_cell,
+    paired_within_noise,
+)
 from fastmix import records
 from fastmix.cli import run_tool
 

@@ -55,11 +55,11 @@ from baselines.proxy_search import (
     spearman,
     top_k_mean,
 )
-from fastmix.cost import Cost, device_name
 from fastmix.errors import UserError
-from fastmix.optimizer import SearchContext, SearchResult
-from fastmix.proxies import ProxyJob
 from fastmix.schema import rule
+from fastmix.search.optimizer import SearchContext, SearchResult
+from fastmix.search.proxies import ProxyJob
+from fastmix.train.cost import Cost, device_name
 
 
 def select_candidates(predicted: np.ndarray, n: int, pool_factor: float,

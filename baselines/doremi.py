@@ -26,7 +26,7 @@ scripts/runs/run_pile_doremi120M.sh):
   - the micro-batch that triggered the update trains with the new alpha
     (Algorithm 1: theta_t is updated for the objective L(theta_{t-1}, alpha_t)).
   The proxy's per-token losses are those of its training forward (one forward,
-  see `fastmix.train`, hooks with `needs_token_losses`); the reference's come
+  see `fastmix.train.loop`, hooks with `needs_token_losses`); the reference's come
   from a no-grad forward of the same micro-batch, charged to the cost meter as
   2 * N_ref * tokens.
 * Output: the average of alpha_1..alpha_T over the T updates (Algorithm 1's
@@ -53,12 +53,12 @@ from dataclasses import dataclass
 
 import torch
 
-from fastmix import distributed
-from fastmix.models import flop_params
-from fastmix.optimizer import SearchContext, SearchResult
-from fastmix.sampling import Batch
 from fastmix.schema import MethodParams, rule
-from fastmix.train import HookContext, StepInfo, token_losses
+from fastmix.search.optimizer import SearchContext, SearchResult
+from fastmix.train import distributed
+from fastmix.train.loop import HookContext, StepInfo, token_losses
+from fastmix.train.models import flop_params
+from fastmix.train.sampling import Batch
 
 
 def excess_loss_sums(proxy_tok: torch.Tensor, ref_tok: torch.Tensor, batch: Batch,

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 from fastmix.errors import UserError
-from fastmix.optimizer import SearchContext, SearchResult, validate_weights
 from fastmix.schema import MethodParams, rule
+from fastmix.search.optimizer import SearchContext, SearchResult, validate_weights
 
 
 class Fixed:

@@ -64,12 +64,12 @@ import numpy as np
 import torch
 
 from fastmix.errors import UserError
-from fastmix.models import flop_params
-from fastmix.optimizer import SearchContext, SearchResult
-from fastmix.proxies import ProxyJob
-from fastmix.sampling import Batch
 from fastmix.schema import MethodParams, rule
-from fastmix.train import token_losses
+from fastmix.search.optimizer import SearchContext, SearchResult
+from fastmix.search.proxies import ProxyJob
+from fastmix.train.loop import token_losses
+from fastmix.train.models import flop_params
+from fastmix.train.sampling import Batch
 
 STOP_RULES = ("gap", "centered", "raw")
 STEPS = ("length", "public")

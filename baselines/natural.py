@@ -2,8 +2,8 @@
 DoReMi's baseline). Counted with the suite's tokenizer on the train split."""
 from __future__ import annotations
 
-from fastmix.optimizer import SearchContext, SearchResult
 from fastmix.schema import MethodParams
+from fastmix.search.optimizer import SearchContext, SearchResult
 
 
 class Natural:

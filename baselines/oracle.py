@@ -22,7 +22,7 @@ found, beside what its search cost.
   table: what brute force costs.
 * Shared grid (`grid_dir`): experiment=oracle puts it in the sweep's folder, so
   the oracle job of every seed, a re-run and a method added later reuse it.
-  Units are locked while they run (fastmix.proxies.unit_lock) and each job
+  Units are locked while they run (fastmix.search.proxies.unit_lock) and each job
   walks the grid in an order drawn from its own seed, so two oracle jobs side
   by side split the grid instead of training it twice. A record there is
   reused only if it was made by the same setup (its fingerprint); one that was
@@ -41,9 +41,9 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from fastmix.config import abspath
-from fastmix.optimizer import SearchContext, SearchResult
-from fastmix.proxies import ProxyJob
 from fastmix.schema import MethodParams, rule
+from fastmix.search.optimizer import SearchContext, SearchResult
+from fastmix.search.proxies import ProxyJob
 
 
 def simplex_grid(k: int, resolution: int) -> list[tuple[int, ...]]:
@@ -60,7 +60,7 @@ def simplex_grid(k: int, resolution: int) -> list[tuple[int, ...]]:
 class Oracle:
     name = "oracle"
     # the ground truth, not a search: it scores its grid of targets on the test split, so
-    # the pipeline does not seal that split while it runs (fastmix.data.test_split_sealed)
+    # the pipeline does not seal that split while it runs (fastmix.data.corpus.test_split_sealed)
     reads_test_split = True
 
     @dataclass
@@ -98,7 +98,7 @@ class Oracle:
         target = OmegaConf.to_container(ctx.target, resolve=True)
         # a shared grid's folder is named by the data, objective and target it measures; each
         # record in it also keeps the fingerprint of its whole setup and is retrained if that
-        # differs (fastmix.proxies.ProxyUnit)
+        # differs (fastmix.search.proxies.ProxyUnit)
         where = str(self.grid_root(ctx) / f"r{R}_{ctx.proxies.landscape_key()[:10]}")
         as_w = lambda counts: {n: c / R for n, c in zip(names, counts)}
         label = lambda counts: "-".join(map(str, counts))

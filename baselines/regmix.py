@@ -51,9 +51,9 @@ from baselines.proxy_search import (
     top_k_mean,
 )
 from fastmix.errors import UserError
-from fastmix.optimizer import SearchContext, SearchResult
-from fastmix.proxies import ProxyJob
 from fastmix.schema import rule
+from fastmix.search.optimizer import SearchContext, SearchResult
+from fastmix.search.proxies import ProxyJob
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Uniform mixture: w_k = 1/K. The no-search baseline of every paper in METHODS.md."""
 from __future__ import annotations
 
-from fastmix.optimizer import SearchContext, SearchResult
 from fastmix.schema import MethodParams
+from fastmix.search.optimizer import SearchContext, SearchResult
 
 
 class Uniform:

@@ -4,7 +4,7 @@ data, proxy and objective (a benchmark that prints numbers, not a test).
     python bench/compare_methods.py [--methods fastmix regmix climb doremi mixmin demix] [--scale demo] [overrides...]
 
 Every method searches at the given scale (`demo`: 2 CPU cores) through the one
-training loop and the one cost meter (`fastmix.pipeline.run_search`, the same
+training loop and the one cost meter (`fastmix.run.pipeline.run_search`, the same
 call `run.py` makes); no target model is trained. The table shows proxy runs,
 tokens, FLOPs, device-hours and each cost as a multiple of FastMix's.
 
@@ -42,22 +42,22 @@ def compose(overrides: list[str]):
 
 def planned_proxy_runs(method: str, n_sources: int, overrides: list[str]) -> int:
     """Proxy runs the method plans at the paper's scale (from its YAML's paper preset)."""
-    from fastmix.pipeline import build
+    from fastmix.run.pipeline import build
     opt = build(compose([f"optimizer={method}", "scale=paper", *overrides]).optimizer)
     return opt.planned_proxy_runs(n_sources)
 
 
 def proxy_run_flops(corpus, run_cfg) -> float:
     """6·N·D of one plain proxy run of `run_cfg` (tokens rounded up to whole steps)."""
-    from fastmix.models import flop_params
-    from fastmix.train import new_model
+    from fastmix.train.loop import new_model
+    from fastmix.train.models import flop_params
     per_step = run_cfg.batch_size * run_cfg.grad_accum * run_cfg.model.context
     tokens = math.ceil(run_cfg.tokens / per_step) * per_step
     return 6.0 * flop_params(new_model(corpus, run_cfg.model, 0)) * tokens
 
 
 def paper_proxy_flops() -> float:
-    from fastmix.models import build_model, flop_params
+    from fastmix.train.models import build_model, flop_params
     cfg = compose(["proxy=regmix_1m"]).proxy
     from omegaconf import OmegaConf
     model = build_model(OmegaConf.to_container(cfg.model), PAPER_VOCAB, 1, 2, 0)
@@ -75,10 +75,10 @@ def main() -> None:
     import pandas as pd
     from hydra.utils import instantiate
 
-    from fastmix.cost import CostMeter
-    from fastmix.data import prepare_corpus
-    from fastmix.pipeline import build, run_search
-    from fastmix.train import resolve_device, set_threads
+    from fastmix.data.corpus import prepare_corpus
+    from fastmix.run.pipeline import build, run_search
+    from fastmix.train.cost import CostMeter
+    from fastmix.train.loop import resolve_device, set_threads
 
     base = compose([f"scale={args.scale}", "progress=false", *args.overrides])
     threads, device = set_threads(base.threads), resolve_device(base.device)

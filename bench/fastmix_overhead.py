@@ -18,7 +18,7 @@ paper's proxy shape: vocab 50432, hidden 256, context 512, micro-batch 8, the
 42% of it in log-softmax's backward, 20% in filling [tokens x 50432] buffers,
 34% in products: the logits built outside the fused head (0.8 GB each) and one
 backward pass to the head per source with the graph retained. The head's gradient has a closed form, so the hook now runs two
-gradient-free passes (fastmix.method.head_hypergradient): G_val over the
+gradient-free passes (fastmix.fastmix.head_hypergradient): G_val over the
 objective batch, then d_t . (G_val h_t) per token of the micro-batch, chunked
 inside the fused head: one extra [chunk x hidden] x [hidden x vocab] product per
 chunk: 1.20 plain micro-batches (1.58 s) at micro-batch // 8 objective rows, the
@@ -49,10 +49,10 @@ def main() -> None:
     from hydra.utils import instantiate
 
     from fastmix.config import CONF_DIR
-    from fastmix.cost import CostMeter
-    from fastmix.data import prepare_corpus
-    from fastmix.pipeline import build, search_context
-    from fastmix.train import resolve_device, set_threads, train_on_mixture
+    from fastmix.data.corpus import prepare_corpus
+    from fastmix.run.pipeline import build, search_context
+    from fastmix.train.cost import CostMeter
+    from fastmix.train.loop import resolve_device, set_threads, train_on_mixture
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"proxy={args.proxy}", "optimizer=fastmix", f"proxy.tokens={args.tokens}",

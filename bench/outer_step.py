@@ -5,7 +5,7 @@ micro-batch (a benchmark that prints numbers, not a test).
 
 Three things at the proxy shape of the config (fp32 on CPU, bf16 autocast on CUDA):
 one plain micro-batch (forward + backward through the fused head), the outer step
-by autograd (`fastmix.method.hypergradient`: the objective batch's and the
+by autograd (`fastmix.fastmix.hypergradient`: the objective batch's and the
 micro-batch's logits in full, one backward to the head per source), and the fused
 outer step the hook runs (`head_hypergradient`). Then torch.profiler's top
 operators of each outer step, so the cost can be read, not guessed. The
@@ -41,12 +41,12 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from fastmix.config import CONF_DIR
-    from fastmix.cost import CostMeter
-    from fastmix.data import prepare_corpus
-    from fastmix.method import head_hypergradient, hypergradient
-    from fastmix.sampling import MixtureSampler
-    from fastmix.pipeline import build
-    from fastmix.train import StepInfo, Trainer, new_model, resolve_device, set_threads
+    from fastmix.data.corpus import prepare_corpus
+    from fastmix.fastmix import head_hypergradient, hypergradient
+    from fastmix.run.pipeline import build
+    from fastmix.train.cost import CostMeter
+    from fastmix.train.loop import StepInfo, Trainer, new_model, resolve_device, set_threads
+    from fastmix.train.sampling import MixtureSampler
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"proxy={args.proxy}", "optimizer=fastmix", "progress=false",

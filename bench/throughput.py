@@ -5,18 +5,18 @@
 
 In one run: the fp32 GEMM peak (2048^3, best clean burst, same thread count),
 then forward + backward + AdamW steps of the proxy, reported as tokens/s and
-6*N*tokens/s as a fraction of that peak (N = fastmix.models.flop_params).
+6*N*tokens/s as a fraction of that peak (N = fastmix.train.models.flop_params).
 Several values per flag are run as a grid.
 
 Findings on 2 CPU cores (2026-11-23), regmix_1m shape at context 512, vocab 50432,
-micro-batch 8, glibc malloc tuned (fastmix.fused_loss.tune_malloc):
+micro-batch 8, glibc malloc tuned (fastmix.train.fused_loss.tune_malloc):
   plain logits + F.cross_entropy, foreach AdamW   37% of peak  (815 tok/s)
   plain logits,                   fused AdamW     48%
   fused chunked head + loss,      foreach AdamW   65%
   fused chunked head + loss,      fused AdamW     74-75%       (1600-1640 tok/s)
 The [tokens, vocab] logits (800 MB here) make the plain path memory-bound; the
-fused head + loss (fastmix/fused_loss.py) and fused AdamW are what the one
-training loop (fastmix/train.py) uses, so this script measures its code path.
+fused head + loss (fastmix/train/fused_loss.py) and fused AdamW are what the one
+training loop (fastmix/train/loop.py) uses, so this script measures its code path.
 Without the malloc tuning every step mmaps and page-faults its big tensors.
 """
 from __future__ import annotations
@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastmix.fused_loss import fused_linear_cross_entropy, tune_malloc
-from fastmix.models import build_model, flop_params
+from fastmix.train.fused_loss import fused_linear_cross_entropy, tune_malloc
+from fastmix.train.models import build_model, flop_params
 
 SHAPES = {
     "regmix_1m": dict(layers=2, hidden=256, ffn=512, heads=8),   # conf/proxy/regmix_1m.yaml

@@ -1,5 +1,5 @@
 """The one wrapper of the `python -m` tools (analysis.tables/plots/report/oracle,
-baselines.regmix_replay, fastmix.export): parse the arguments, run, and turn bad input
+baselines.regmix_replay, fastmix.run.export): parse the arguments, run, and turn bad input
 (a `UserError`) into one line on stderr and exit code 2; anything else is a bug
 and keeps its traceback. And `refuse_non_tool`: a module that is not a tool, run
 with `python -m`, says where the tools are and exits 2 instead of doing nothing."""
@@ -25,9 +25,12 @@ def run_tool(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace]
 
 # every `python -m` entry point of the suite (besides `python run.py`)
 TOOLS = ("analysis.tables", "analysis.plots", "analysis.report", "analysis.oracle", "baselines.regmix_replay",
-         "fastmix.export", "fastmix.corpus", "fastmix.corpus.build", "fastmix.sft_corpus")
+         "fastmix.run.export", "fastmix.data.embedded", "fastmix.data.embedded.build",
+         "fastmix.data.embedded.sft")
 # where a module's old command line went
-MOVED = {"baselines.regmix": "baselines.regmix_replay"}
+MOVED = {"baselines.regmix": "baselines.regmix_replay", "fastmix.export": "fastmix.run.export",
+         "fastmix.corpus": "fastmix.data.embedded", "fastmix.corpus.build": "fastmix.data.embedded.build",
+         "fastmix.sft_corpus": "fastmix.data.embedded.sft"}
 
 
 def refuse_non_tool(package: str) -> None:

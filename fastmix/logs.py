@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-# the suite's loggers: run.py ("run"), fastmix.sweep ("sweep"), the SLURM parts
+# the suite's loggers: run.py ("run"), fastmix.run.sweep ("sweep"), the SLURM parts
 # ("slurm"), every module's __name__ under fastmix/, baselines/, analysis/, and
 # Hydra's own (which jobs a sweep launches)
 SUITE = ("run", "sweep", "slurm", "fastmix", "baselines", "analysis", "hydra", "__main__")

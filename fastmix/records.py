@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-
 # the process umask (it cannot be read without setting it), for the permissions of
 # files made by mkstemp, which are always 0600
 _UMASK = os.umask(0)
@@ -225,7 +224,7 @@ def check_done(run_dir: Path, cfg) -> DoneCheck:
 # What a finished job leaves besides .hydra/, run.log and status.json: cleared before
 # a changed config re-runs it, DONE first, so a re-run that fails leaves no stale row
 # (analysis reads result.json). Checkpoints and proxy records under search/ stay:
-# each is used only if it was made by the same setup (fastmix.train, fastmix.pipeline).
+# each is used only if it was made by the same setup (fastmix.train.loop, fastmix.run.pipeline).
 RESULT_FILES = ("DONE", "result.json", "eval.json", "cost.json", "mixture.json", "search_trace.jsonl",
                 "metrics.jsonl", "error.txt", "model")
 

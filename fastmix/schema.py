@@ -4,13 +4,13 @@ line naming the key, the value and the rule (a `UserError`: exit 2, no DONE).
 
 OmegaConf does the typing (`OmegaConf.structured` + merge converts "3" to 3 and
 refuses "abc" for an int); the ranges and choices are field metadata checked
-here. `check(cfg)` runs at the start of every job (fastmix.pipeline.run_job), so
+here. `check(cfg)` runs at the start of every job (fastmix.run.pipeline.run_job), so
 in a sweep each job reports its own bad value. Covered: the top level (seed,
 device, threads), the proxy and target training settings (one schema for
 `proxy/` and `train/`), the data node (`DataSchema`: its kind, paths, caps,
 splits and tokenizer), eval, and every objective's, optimizer's and executor's
 parameters (`Params` beside each class, found by the node's `_target_` and
-checked by `check_params`, which `fastmix.pipeline.build` also runs before it
+checked by `check_params`, which `fastmix.run.pipeline.build` also runs before it
 builds one). A class checks in its constructor what ties several keys together
 (top_k <= n_candidates).
 """

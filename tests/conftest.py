@@ -78,15 +78,15 @@ class ScriptedProxies:
     """`ctx.proxies` whose proxies are not trained: a job's record comes from
     `score(job) -> (objective, model_dir or None)`, so a method's search can be checked
     against a known optimum in milliseconds. It resolves jobs as the real runner does
-    (fastmix.proxies.ProxyRunner.resolve) and keeps them, one list per call, in `calls`."""
+    (fastmix.search.proxies.ProxyRunner.resolve) and keeps them, one list per call, in `calls`."""
 
     def __init__(self, score, folder: Path, seed: int):
-        from fastmix.proxies import ProxyRunner
+        from fastmix.search.proxies import ProxyRunner
         self.score, self.folder, self.seed, self.calls = score, Path(folder), seed, []
         self.resolve = lambda jobs: ProxyRunner.resolve(self, jobs)
 
     def run(self, jobs):
-        from fastmix.proxies import ProxyRecord
+        from fastmix.search.proxies import ProxyRecord
         jobs = self.resolve(jobs)
         self.calls.append(jobs)
         out = []
@@ -107,10 +107,10 @@ def scripted_context(share: dict, objective, tmp_path: Path, score, seed: int = 
     import numpy as np
     import torch
 
-    from fastmix.cost import CostMeter
-    from fastmix.data import Corpus
-    from fastmix.optimizer import SearchContext
+    from fastmix.data.corpus import Corpus
     from fastmix.schema import eval_config, run_config
+    from fastmix.search.optimizer import SearchContext
+    from fastmix.train.cost import CostMeter
     corpus = Corpus(tmp_path / "corpus", None, {s: {"train": np.zeros(int(round(v * 100_000)))} for s, v in share.items()},
                     {s: {} for s in share}, {})
     device = torch.device("cpu")

@@ -12,7 +12,8 @@ import pytest
 from conftest import compose, cut_corpus
 
 from baselines import clustering
-from fastmix import data
+from fastmix.data import corpus as token_cache
+from fastmix.data import sources
 from fastmix.errors import UserError
 
 
@@ -48,12 +49,12 @@ def token_docs(corpus, sources, split):
 
 def test_clusters_partition_each_split_and_keep_the_tokenizer(tiny_corpus, tmp_path, fake):
     cfg = data_cfg(tiny_corpus, tmp_path)
-    corpus = data.prepare_corpus(cfg)
+    corpus = token_cache.prepare_corpus(cfg)
     cc = clustering.cluster_corpus(corpus, cfg, n_clusters=3, kmeans_k=20, seed=0, prune_min_docs=2)
     assert cc.sources == ["cluster_00", "cluster_01", "cluster_02"]
     assert cc.tokenizer is corpus.tokenizer and cc.vocab_size == corpus.vocab_size
     # Every document of every split is in exactly one cluster, in the split it had: no leakage.
-    for split in data.SPLITS:
+    for split in sources.SPLITS:
         assert token_docs(cc, cc.sources, split) == token_docs(corpus, corpus.sources, split)
     for s in cc.sources:
         assert cc.meta["sources"][s]["train"]["tokens"] > 0
@@ -74,7 +75,7 @@ def test_clusters_partition_each_split_and_keep_the_tokenizer(tiny_corpus, tmp_p
 
 def test_cache_reused_and_embeddings_shared(tiny_corpus, tmp_path, fake, monkeypatch):
     cfg = data_cfg(tiny_corpus, tmp_path)
-    corpus = data.prepare_corpus(cfg)
+    corpus = token_cache.prepare_corpus(cfg)
     a = clustering.cluster_corpus(corpus, cfg, n_clusters=2, kmeans_k=10, seed=0)
     mtime = (a.root / "meta.json").stat().st_mtime_ns
     monkeypatch.setattr(clustering, "embed_texts", lambda *x, **k: pytest.fail("embeddings not reused"))
@@ -90,7 +91,7 @@ def test_cache_reused_and_embeddings_shared(tiny_corpus, tmp_path, fake, monkeyp
 def test_damaged_clustered_corpus_is_rebuilt(tmp_path, fake, caplog):
     cfg = data_cfg(cut_corpus(tmp_path / "c", sources=["code", "drama"], docs=12, max_bytes=12_000),
                    tmp_path / "cache")
-    corpus = data.prepare_corpus(cfg)
+    corpus = token_cache.prepare_corpus(cfg)
     kw = dict(n_clusters=2, kmeans_k=6, seed=0, prune_min_docs=1)
     a = clustering.cluster_corpus(corpus, cfg, **kw)
     good = np.array(a.tokens["cluster_01"]["train"])
@@ -105,7 +106,7 @@ def test_damaged_clustered_corpus_is_rebuilt(tmp_path, fake, caplog):
 
 def test_max_docs_per_source_caps_train_only(tiny_corpus, tmp_path, fake):
     cfg = data_cfg(tiny_corpus, tmp_path)
-    corpus = data.prepare_corpus(cfg)
+    corpus = token_cache.prepare_corpus(cfg)
     cc = clustering.cluster_corpus(corpus, cfg, n_clusters=2, kmeans_k=8, max_docs_per_source=5, seed=0)
     assert sum(cc.meta["sources"][s]["train"]["documents"] for s in cc.sources) == 5 * len(corpus.sources)
     for split in ("val", "test"):  # held-out text is all kept
@@ -121,7 +122,7 @@ def test_pairs_keep_their_loss_mask(tmp_path, fake):
     rows = [{"prompt": f"Question {i}: what is {i} plus {i}? ", "answer": f"{2 * i}"} for i in range(12)]
     (root / "qa" / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = data_cfg(root, tmp_path / "cache")
-    corpus = data.prepare_corpus(cfg)
+    corpus = token_cache.prepare_corpus(cfg)
     cc = clustering.cluster_corpus(corpus, cfg, n_clusters=2, kmeans_k=6, seed=0, prune_min_docs=1)
     ones = sum(int(np.asarray(cc.mask(s, "train")).sum()) for s in cc.sources)
     expected = int(np.asarray(corpus.mask("qa", "train")).sum()) + len(corpus.tokens["drama"]["train"])
@@ -138,7 +139,7 @@ def test_pairs_keep_their_loss_mask(tmp_path, fake):
 ])
 def test_bad_input(tiny_corpus, tmp_path, kw, match, monkeypatch):
     cfg = data_cfg(tiny_corpus, tmp_path)
-    corpus = data.prepare_corpus(cfg)
+    corpus = token_cache.prepare_corpus(cfg)
     if "model" not in kw:
         monkeypatch.setattr(clustering, "embed_texts", fake_embed)
         monkeypatch.setattr(clustering, "encoder_params", lambda *a, **k: 1000)
@@ -148,7 +149,7 @@ def test_bad_input(tiny_corpus, tmp_path, kw, match, monkeypatch):
 
 def test_disabled_returns_the_corpus(tiny_corpus, tmp_path):
     cfg = data_cfg(tiny_corpus, tmp_path)
-    corpus = data.prepare_corpus(cfg)
+    corpus = token_cache.prepare_corpus(cfg)
     assert clustering.cluster_corpus(corpus, cfg, enabled=False, n_clusters=1) is corpus
 
 
@@ -156,7 +157,7 @@ def test_real_embedder_separates_code_from_drama(tmp_path):
     """The offline MiniLM on 2 x 12 short documents: clusters follow the sources."""
     root = cut_corpus(tmp_path / "c", sources=["code", "drama"], docs=12, max_bytes=12_000)
     cfg = data_cfg(root, tmp_path / "cache")
-    corpus = data.prepare_corpus(cfg)
+    corpus = token_cache.prepare_corpus(cfg)
     cc = clustering.cluster_corpus(corpus, cfg, n_clusters=2, kmeans_k=6, max_seq_length=64, batch_size=16,
                                    seed=0, prune_min_docs=1)
     shares = [cc.meta["clustering"]["clusters"][s]["source_share"] for s in cc.sources]

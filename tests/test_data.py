@@ -7,7 +7,8 @@ import pytest
 from conftest import compose, cut_corpus
 from omegaconf import OmegaConf
 
-from fastmix import data
+from fastmix.data import corpus as token_cache
+from fastmix.data import sources
 from fastmix.errors import UserError
 
 
@@ -20,12 +21,12 @@ def data_cfg(root, cache, **over):
 
 def test_corpus_tokens_splits_and_cache(tiny_corpus, tmp_path, monkeypatch):
     cfg = data_cfg(tiny_corpus, tmp_path)
-    corpus = data.prepare_corpus(cfg)
+    corpus = token_cache.prepare_corpus(cfg)
     assert corpus.sources == sorted(p.name for p in tiny_corpus.iterdir())
     tok = corpus.tokenizer
     assert tok.bos_token_id is not None and tok.eos_token_id is not None
     for s in corpus.sources:
-        for split in data.SPLITS:
+        for split in sources.SPLITS:
             arr = corpus.tokens[s][split]
             assert len(arr) > 0 and arr.max() < corpus.vocab_size
             assert arr[-1] == tok.eos_token_id  # documents end with EOS
@@ -41,8 +42,8 @@ def test_corpus_tokens_splits_and_cache(tiny_corpus, tmp_path, monkeypatch):
     assert not (train & val) and not (train & test) and not (val & test)
 
     # A second prepare reads the cache: training a tokenizer again would be a bug.
-    monkeypatch.setattr(data, "train_bpe", lambda *a, **k: pytest.fail("cache not reused"))
-    again = data.prepare_corpus(cfg)
+    monkeypatch.setattr(token_cache, "train_bpe", lambda *a, **k: pytest.fail("cache not reused"))
+    again = token_cache.prepare_corpus(cfg)
     assert again.root == corpus.root
     assert np.array_equal(again.tokens[s]["train"], corpus.tokens[s]["train"])
 
@@ -51,17 +52,17 @@ def test_cache_key_changes_with_content(tiny_corpus, tmp_path):
     import shutil
     root = tmp_path / "c"
     shutil.copytree(tiny_corpus, root)
-    a = data.prepare_corpus(data_cfg(root, tmp_path / "cache"))
+    a = token_cache.prepare_corpus(data_cfg(root, tmp_path / "cache"))
     with open(root / a.sources[0] / "docs.jsonl", "a") as fh:
         fh.write(json.dumps({"text": "one more document, new content"}) + "\n")
-    b = data.prepare_corpus(data_cfg(root, tmp_path / "cache"))
+    b = token_cache.prepare_corpus(data_cfg(root, tmp_path / "cache"))
     assert a.root != b.root
 
 
 def test_split_is_by_hash_not_order():
     docs = [f"document number {i}" for i in range(100)]
-    a = data.split_documents(docs, 0.1, 0.1, "x")
-    b = data.split_documents(list(reversed(docs)), 0.1, 0.1, "x")
+    a = sources.split_documents(docs, 0.1, 0.1, "x")
+    b = sources.split_documents(list(reversed(docs)), 0.1, 0.1, "x")
     assert a == b
     assert len(a["val"]) == 10 and len(a["test"]) == 10 and len(a["train"]) == 80
 
@@ -73,8 +74,8 @@ def test_reads_txt_jsonl_and_parquet(tmp_path):
     (tmp_path / "a" / "one.txt").write_text("first document")
     (tmp_path / "a" / "two.jsonl").write_text('{"text": "second"}\n\n{"text": "third"}\n')
     pq.write_table(pa.table({"text": ["fourth", ""]}), tmp_path / "a" / "three.parquet")
-    spec = data.SourceSpec("a", data.files_under(tmp_path / "a"))
-    assert sorted(data.iter_documents(spec)) == ["first document", "fourth", "second", "third"]
+    spec = sources.SourceSpec("a", sources.files_under(tmp_path / "a"))
+    assert sorted(sources.iter_documents(spec)) == ["first document", "fourth", "second", "third"]
 
 
 @pytest.mark.parametrize("case,match", [
@@ -109,7 +110,7 @@ def test_bad_data_is_named(case, match, tiny_corpus, tmp_path):
     elif case == "one_source":
         over["sources"] = ["code"]
     with pytest.raises(UserError, match=match) as e:
-        data.prepare_corpus(data_cfg(root, tmp_path / "cache", **over))
+        token_cache.prepare_corpus(data_cfg(root, tmp_path / "cache", **over))
     if case in ("empty_source", "no_files", "few_docs", "bad_jsonl"):
         assert ("blank" if case == "empty_source" else "") in str(e.value)
 
@@ -120,7 +121,7 @@ def test_hf_source_fails_offline_with_a_clear_message(tmp_path):
                                        "b": {"path": "no-such/dataset-abc", "split": "train"}},
                      merge=False)
     with pytest.raises(UserError, match="cannot load Hugging Face dataset"):
-        data.prepare_corpus(cfg)
+        token_cache.prepare_corpus(cfg)
 
 
 # ------------------------------------------------ damaged or shared caches ---
@@ -130,7 +131,7 @@ def two_sources(tmp_path):
 
 def test_damaged_cache_is_rebuilt_with_a_warning(tmp_path, caplog):
     cfg = data_cfg(two_sources(tmp_path), tmp_path / "cache")
-    first = data.prepare_corpus(cfg)
+    first = token_cache.prepare_corpus(cfg)
     good = np.array(first.tokens["code"]["train"])
     rec = first.meta["files"]
     assert {"code.train.bin", "code.train.docs.npy", "tokenizer/tokenizer.json"} <= set(rec)
@@ -141,11 +142,11 @@ def test_damaged_cache_is_rebuilt_with_a_warning(tmp_path, caplog):
     with open(shard, "r+b") as fh:  # truncated: every later job used to die in np.memmap
         fh.truncate(good.nbytes // 2)
     with caplog.at_level("WARNING", logger="fastmix.data"):
-        again = data.prepare_corpus(cfg)
+        again = token_cache.prepare_corpus(cfg)
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "damaged" in warning and "code.train.bin has" in warning and "rebuilding" in warning
     assert np.array_equal(again.tokens["code"]["train"], good) and again.meta["sources"] == sources
-    assert data.cache_problems(again.root) == (again.meta, [])
+    assert token_cache.cache_problems(again.root) == (again.meta, [])
     assert not list((tmp_path / "cache").glob(".damaged-*"))
 
     # A same-size change passes the size check; data.verify_cache=true compares checksums.
@@ -155,20 +156,20 @@ def test_damaged_cache_is_rebuilt_with_a_warning(tmp_path, caplog):
     val.write_bytes(bytes(raw))
     caplog.clear()
     with caplog.at_level("WARNING", logger="fastmix.data"):
-        data.prepare_corpus(cfg)
+        token_cache.prepare_corpus(cfg)
         assert not caplog.records  # sizes only, by default
-        fixed = data.prepare_corpus(data_cfg(tmp_path / "c", tmp_path / "cache", verify_cache=True))
+        fixed = token_cache.prepare_corpus(data_cfg(tmp_path / "c", tmp_path / "cache", verify_cache=True))
     (warning,) = [r.getMessage() for r in caplog.records]
     assert "drama.val.bin does not match its checksum" in warning
-    assert data.cache_problems(fixed.root, verify=True)[1] == []
+    assert token_cache.cache_problems(fixed.root, verify=True)[1] == []
     # open_corpus (CLIMB's clusters, tests) checks the same way, and says so in one line
     (fixed.root / "code.val.docs.npy").unlink()
-    with pytest.raises(data.DamagedCache, match="code.val.docs.npy is missing"):
-        data.open_corpus(fixed.root)
+    with pytest.raises(token_cache.DamagedCache, match="code.val.docs.npy is missing"):
+        token_cache.open_corpus(fixed.root)
 
 
 def _build_in_child(cfg, out):
-    corpus = data.prepare_corpus(cfg)
+    corpus = token_cache.prepare_corpus(cfg)
     out.write_text(str(corpus.root))
 
 
@@ -177,14 +178,14 @@ def test_concurrent_builds_of_one_cache_build_it_once(tmp_path, monkeypatch):
     import time
     cfg = data_cfg(two_sources(tmp_path), tmp_path / "cache")
     trainings = tmp_path / "trainings"
-    real = data.train_bpe
+    real = sources.train_bpe
 
     def slow_counted_train(*a, **k):  # long enough that the second process arrives mid-build
         with open(trainings, "a") as fh:
             fh.write("x")
         time.sleep(1.0)
         return real(*a, **k)
-    monkeypatch.setattr(data, "train_bpe", slow_counted_train)
+    monkeypatch.setattr(token_cache, "train_bpe", slow_counted_train)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # tokenizers warns in forked children
     ctx = multiprocessing.get_context("fork")  # the children inherit the counting stand-in
     procs = [ctx.Process(target=_build_in_child, args=(cfg, tmp_path / f"root{i}")) for i in range(2)]
@@ -202,14 +203,14 @@ def test_concurrent_builds_of_one_cache_build_it_once(tmp_path, monkeypatch):
 def test_not_text_threshold(tmp_path):
     f = tmp_path / "a.txt"
     f.write_bytes(b"caf\xe9 " + b"a" * 200)  # one Latin-1 byte in 205: kept
-    assert data.not_text(f) is None
+    assert sources.not_text(f) is None
     f.write_bytes(b"caf\xe9 " * 20)  # 20%: another encoding
-    assert "20 of its 100 bytes are not UTF-8" in data.not_text(f)
+    assert "20 of its 100 bytes are not UTF-8" in sources.not_text(f)
     f.write_bytes(b"text\x00more")
-    assert "NUL" in data.not_text(f)
+    assert "NUL" in sources.not_text(f)
     # a multibyte character across the 1 MiB read boundary is one valid character
     f.write_bytes(b"a" * ((1 << 20) - 1) + "é".encode() + b"b" * 10)
-    assert data.not_text(f) is None
+    assert sources.not_text(f) is None
 
 
 def test_binary_files_are_skipped_named_and_counted(tmp_path, caplog):
@@ -221,7 +222,7 @@ def test_binary_files_are_skipped_named_and_counted(tmp_path, caplog):
     blob.write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
     cfg = data_cfg(root, tmp_path / "cache")
     with caplog.at_level("WARNING", logger="fastmix.data"):
-        corpus = data.prepare_corpus(cfg)
+        corpus = token_cache.prepare_corpus(cfg)
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 2 and any(str(noise) in w for w in warnings) and any(str(blob) in w for w in warnings)
     assert {s: list(v) for s, v in corpus.meta["skipped_files"].items()} == {"code": [str(noise)],
@@ -231,7 +232,7 @@ def test_binary_files_are_skipped_named_and_counted(tmp_path, caplog):
     # error mode: one message naming the file and the key; also when a skip run built the cache
     for cache in (tmp_path / "fresh", tmp_path / "cache"):
         with pytest.raises(UserError, match="data.on_bad_file=skip") as e:
-            data.prepare_corpus(data_cfg(root, cache, on_bad_file="error"))
+            token_cache.prepare_corpus(data_cfg(root, cache, on_bad_file="error"))
         assert str(noise) in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "fresh").exists() or not [p for p in (tmp_path / "fresh").iterdir()
                                                       if not p.name.endswith(".lock")]
@@ -240,4 +241,4 @@ def test_binary_files_are_skipped_named_and_counted(tmp_path, caplog):
     (root / "blank").mkdir()
     (root / "blank" / "x.txt").write_bytes(b"\x00\x01\x02" * 100)
     with pytest.raises(UserError, match=r"source 'blank' is empty.*1 of them skipped: not text"):
-        data.prepare_corpus(data_cfg(root, tmp_path / "cache"))
+        token_cache.prepare_corpus(data_cfg(root, tmp_path / "cache"))

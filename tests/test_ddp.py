@@ -1,4 +1,4 @@
-"""Data-parallel training (fastmix.distributed): two gloo ranks with batch_size B
+"""Data-parallel training (fastmix.train.distributed): two gloo ranks with batch_size B
 each follow one process with batch_size 2B on real text, step for step; the
 mixture hooks (FastMix's outer step, DoReMi's update) end with the same weights on
 every rank and as in one process; cost counts the global tokens once and both
@@ -36,14 +36,14 @@ def worker(root: str, out: str) -> None:
     import numpy as np
 
     from baselines.doremi import DoReMiHook
-    from fastmix import distributed
-    from fastmix.cost import CostMeter
-    from fastmix.data import open_corpus
-    from fastmix.method import FastMixHook
-    from fastmix.models import build_model
-    from fastmix.objective import ValidationObjective
-    from fastmix.sampling import MixtureSampler
-    from fastmix.train import Trainer
+    from fastmix.data.corpus import open_corpus
+    from fastmix.fastmix import FastMixHook
+    from fastmix.search.objective import ValidationObjective
+    from fastmix.train import distributed
+    from fastmix.train.cost import CostMeter
+    from fastmix.train.loop import Trainer
+    from fastmix.train.models import build_model
+    from fastmix.train.sampling import MixtureSampler
 
     torch.set_num_threads(1)
     distributed.init()
@@ -108,7 +108,7 @@ def _metrics(path: Path) -> list[dict]:
 def runs(tiny_corpus, cache_dir, tmp_path_factory):
     from conftest import compose
 
-    from fastmix.data import prepare_corpus
+    from fastmix.data.corpus import prepare_corpus
     corpus = prepare_corpus(compose(["experiment=smoke", "data=folder", f"data.root={tiny_corpus}",
                                      f"data.cache_dir={cache_dir}"]).data)
     tmp = tmp_path_factory.mktemp("ddp")
@@ -156,7 +156,7 @@ def test_cost_counts_global_tokens_once_and_every_device(runs):
 
 
 def test_one_process_is_not_distributed():
-    from fastmix import distributed
+    from fastmix.train import distributed
     assert not distributed.init() and distributed.world_size() == 1 and distributed.is_main()
     t = torch.ones(3)
     assert distributed.all_reduce_mean(t) is t

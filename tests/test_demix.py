@@ -13,7 +13,7 @@ from conftest import compose, run_cli, scripted_context
 
 from baselines.demix import DeMix, cap_weights, demix_mixtures, merge, merge_into
 from fastmix.errors import UserError
-from fastmix.models import build_model, flop_params
+from fastmix.train.models import build_model, flop_params
 
 SHAPE = {"layers": 1, "hidden": 16, "ffn": 32, "heads": 2, "context": 12}
 V = 40
@@ -251,7 +251,7 @@ def test_suite_score_is_maximised(tmp_path, monkeypatch):
     """score=suite: the merged model's eval-suite average, higher is better (the paper's
     benchmarks); the search minimises its negative and charges through the suite."""
 
-    import fastmix.evaluation as ev
+    import fastmix.eval.harness as ev
     seen = []
 
     def fake_suite(model, tokenizer, suite, device, batch_size, limit, meter, precision):
@@ -289,7 +289,7 @@ def test_suite_score_is_maximised(tmp_path, monkeypatch):
 
 
 def test_ridge_below_32_and_presets():
-    from fastmix.pipeline import build
+    from fastmix.run.pipeline import build
     built = {s: build(compose(["optimizer=demix", f"scale={s}"]).optimizer) for s in
              ("smoke", "demo", "paper")}
     assert [(o.n0, o.n_candidates, o.top_k, o.kind) for o in built.values()] == [

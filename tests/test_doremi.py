@@ -11,11 +11,11 @@ from conftest import run_cli
 from omegaconf import OmegaConf
 
 from baselines.doremi import DoReMiHook, entropy, excess_loss_sums
-from fastmix.cost import CostMeter
 from fastmix.errors import UserError
-from fastmix.models import build_model, flop_params
-from fastmix.sampling import Batch, MixtureSampler
-from fastmix.train import Trainer, token_losses, weighted_loss
+from fastmix.train.cost import CostMeter
+from fastmix.train.loop import Trainer, token_losses, weighted_loss
+from fastmix.train.models import build_model, flop_params
+from fastmix.train.sampling import Batch, MixtureSampler
 
 NAMES = ["a", "b", "c"]
 SHAPE = {"layers": 1, "hidden": 32, "ffn": 64, "heads": 2, "context": 32}
@@ -121,7 +121,7 @@ def test_absent_zero_and_pooled_step_by_hand():
 def test_bad_options_are_refused():
     from conftest import compose
 
-    from fastmix.pipeline import build
+    from fastmix.run.pipeline import build
     for override, word in [("reference=best", "reference"), ("update_every=epoch", "update_every"),
                            ("absent=skip", "absent"), ("eta=0", "eta"), ("smoothing=2", "smoothing"),
                            ("trace_every=0", "trace_every"), ("eta=x", "eta")]:

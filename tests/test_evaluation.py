@@ -19,14 +19,14 @@ import yaml
 from conftest import compose
 from omegaconf import OmegaConf
 
-from fastmix.cost import CostMeter
-from fastmix.data import prepare_corpus
+from fastmix.data.corpus import prepare_corpus
 from fastmix.errors import UserError
-from fastmix.evaluation import default_task_manager, evaluate_suite, paper14_suite, suite_from_config
-from fastmix.models import build_model, flop_params
-from fastmix.sampling import MixtureSampler
-from fastmix.tasks import build_local_suite, numeric_distractors
-from fastmix.train import Trainer
+from fastmix.eval.harness import default_task_manager, evaluate_suite, paper14_suite, suite_from_config
+from fastmix.eval.tasks import build_local_suite, numeric_distractors
+from fastmix.train.cost import CostMeter
+from fastmix.train.loop import Trainer
+from fastmix.train.models import build_model, flop_params
+from fastmix.train.sampling import MixtureSampler
 
 RANDOM = {"layers": 1, "hidden": 32, "ffn": 64, "heads": 2, "context": 64}
 TRAINED = {"layers": 2, "hidden": 64, "ffn": 256, "heads": 2, "context": 64}
@@ -256,7 +256,7 @@ def test_adapter_scores_equal_a_plain_forward_pass(corpus):
     rolling (perplexity) requests."""
     from lm_eval.api.instance import Instance
 
-    from fastmix.evaluation import InMemoryLM
+    from fastmix.eval.harness import InMemoryLM
 
     tok = corpus.tokenizer
     model = new_model(corpus, {**RANDOM, "context": 32}, seed=3).eval()
@@ -294,7 +294,7 @@ def test_adapter_is_registered_with_lm_eval(corpus, tmp_path):
     from lm_eval.api.instance import Instance
     from lm_eval.api.registry import get_model
 
-    from fastmix.evaluation import InMemoryLM
+    from fastmix.eval.harness import InMemoryLM
     model = new_model(corpus, {**RANDOM, "context": 32}, seed=4).eval()
     model.save_pretrained(tmp_path / "model")
     corpus.tokenizer.save_pretrained(tmp_path / "model")

@@ -1,4 +1,4 @@
-"""fastmix.export: each format parsed back the way its training stack reads it,
+"""fastmix.run.export: each format parsed back the way its training stack reads it,
 the sums, the --path mapping, and bad input (exit 2, one message, no file)."""
 import json
 import math
@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from fastmix.config import REPO
-from fastmix.export import main
+from fastmix.run.export import main
 
 WEIGHTS = {"web": 0.25, "code": 0.5, "books": 0.2500005}  # sums to 1 + 5e-7: inside the 1e-6 tolerance
 PATHS = ["--path", "web=/data/web_text_document", "--path", "code=/data/code_text_document",
@@ -156,7 +156,7 @@ def test_datasets_usage_snippet_runs(tmp_path, capsys):
 
 def test_missing_file_exits_2_via_cli(tmp_path):
     out = tmp_path / "out.txt"
-    proc = subprocess.run([sys.executable, "-m", "fastmix.export", str(tmp_path / "nope" / "mixture.json"),
+    proc = subprocess.run([sys.executable, "-m", "fastmix.run.export", str(tmp_path / "nope" / "mixture.json"),
                            "--format", "megatron", "--out", str(out)],
                           check=False, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""

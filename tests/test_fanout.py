@@ -10,12 +10,13 @@ import torch
 from conftest import compose
 from hydra.utils import instantiate
 
-from fastmix import pipeline, proxies
-from fastmix.cost import CostMeter
-from fastmix.data import prepare_corpus
+from fastmix.data.corpus import prepare_corpus
 from fastmix.errors import UserError
-from fastmix.fanout import UnitsFailed
-from fastmix.proxies import ProxyJob
+from fastmix.run import pipeline
+from fastmix.run.fanout import UnitsFailed
+from fastmix.search import proxies
+from fastmix.search.proxies import ProxyJob
+from fastmix.train.cost import CostMeter
 
 
 @pytest.fixture
@@ -102,7 +103,7 @@ def test_interrupted_fanout_retrains_only_the_missing(setup, tmp_path, monkeypat
     # (a warning names what changed), nothing silently reused; the same setup again: reused
     for over, changed in [((), "weights."), (("proxy.lr=0.01",), "proxy.lr 0.003 → 0.01")]:
         trained.clear()
-        with meter.stage("again"), caplog.at_level(logging.WARNING, logger="fastmix.proxies"):
+        with meter.stage("again"), caplog.at_level(logging.WARNING, logger="fastmix.search.proxies"):
             again = run(setup(*over)[0], corpus, objective, meter, tmp_path, ws[1::-1], "r")
         assert trained == ["r_0000", "r_0001"] and changed in caplog.text, caplog.text
         assert [r.weights for r in again] == ws[1::-1]
@@ -131,7 +132,7 @@ def test_local_processes_match_in_process(setup, tmp_path):
 
 
 def test_executors_are_built_by_target_and_sbatch_is_checked(setup, tmp_path, monkeypatch):
-    from fastmix.fanout import InProcess, LocalProcesses
+    from fastmix.run.fanout import InProcess, LocalProcesses
     for name, cls in (("inprocess", InProcess), ("local", LocalProcesses)):
         cfg, _, _ = setup(f"executor={name}")
         assert type(pipeline.build(cfg.executor, "executor", folder=str(tmp_path))) is cls
@@ -198,7 +199,7 @@ def test_squeue_watcher_reads_states_as_submitit_does():
     """Where SLURM keeps no accounting, job states come from squeue: the command asks
     for every job Submitit waits on, array tasks one per line; the answer reads as
     sacct's would, and a live job's passing flag reads as running, not finished."""
-    from fastmix.slurm import SqueueWatcher
+    from fastmix.run.slurm import SqueueWatcher
     w = SqueueWatcher(delay_s=60)
     assert w._make_command() is None  # nothing to wait on
     for job in ("12_0", "12_1", "13"):
@@ -218,9 +219,9 @@ def test_checkpoint_of_another_setup_is_not_resumed(tmp_path):
     record's): a folder reused by another config starts afresh instead of resuming it."""
     from omegaconf import OmegaConf
 
-    from fastmix.models import build_model
-    from fastmix.sampling import MixtureSampler
-    from fastmix.train import Trainer
+    from fastmix.train.loop import Trainer
+    from fastmix.train.models import build_model
+    from fastmix.train.sampling import MixtureSampler
     src = {"a": (torch.arange(2000) % 17).numpy().astype("uint16")}
     cfg = OmegaConf.create(dict(tokens=8 * 8 * 32, batch_size=8, lr=3e-3, log_every=1, ckpt_every=2))
 

@@ -8,11 +8,18 @@ import torch
 from conftest import run_cli
 from torch.func import functional_call
 
-from fastmix.method import (FastMix, FastMixHook, entropy_grad, head_hypergradient, hypergradient, movement_schedule,
-                            softmax_chain)
-from fastmix.models import build_model
-from fastmix.sampling import Batch, MixtureSampler
-from fastmix.train import StepInfo, masked_mean, token_losses
+from fastmix.fastmix import (
+    FastMix,
+    FastMixHook,
+    entropy_grad,
+    head_hypergradient,
+    hypergradient,
+    movement_schedule,
+    softmax_chain,
+)
+from fastmix.train.loop import StepInfo, masked_mean, token_losses
+from fastmix.train.models import build_model
+from fastmix.train.sampling import Batch, MixtureSampler
 
 CTX, V = 16, 48
 
@@ -134,7 +141,7 @@ def test_bad_options_are_refused(override, message):
     from conftest import compose
 
     from fastmix.errors import UserError
-    from fastmix.pipeline import build
+    from fastmix.run.pipeline import build
     with pytest.raises(UserError, match=message):
         build(compose(["optimizer=fastmix", override]).optimizer)
     assert isinstance(build(compose(["optimizer=fastmix", "optimizer.val_rows_per_group=3"]).optimizer), FastMix)
@@ -162,7 +169,7 @@ class _Recorder:
     def __init__(self, model, lr):
         from types import SimpleNamespace
 
-        from fastmix.train import HookContext
+        from fastmix.train.loop import HookContext
         self.loss_weights, self.forward_flops = None, []
         self.ctx = HookContext(model, "cpu", "bf16", lr, world=1, grad_accum=1, total_steps=1,
                                meter=SimpleNamespace(add_forward=lambda n, t: self.forward_flops.append((n, t))),
@@ -250,8 +257,8 @@ def test_killed_and_resumed_search_ends_with_the_same_weights(tmp_path):
     (checkpoint at 3) and resumed with a fresh hook ends where an uncut one does."""
     from omegaconf import OmegaConf
 
-    from fastmix.cost import CostMeter
-    from fastmix.train import Trainer
+    from fastmix.train.cost import CostMeter
+    from fastmix.train.loop import Trainer
     g = np.random.default_rng(0)
     src = {"a": g.choice(V // 2, size=3000).astype(np.uint16), "b": (np.arange(3000) % 11 + 30).astype(np.uint16),
            "c": g.integers(0, V, 3000).astype(np.uint16)}

@@ -20,10 +20,10 @@ from baselines.mixmin import (
     split_rows,
     stack_rows,
 )
-from fastmix.cost import CostMeter
 from fastmix.errors import UserError
-from fastmix.models import build_model, flop_params
-from fastmix.objective import Objective
+from fastmix.search.objective import Objective
+from fastmix.train.cost import CostMeter
+from fastmix.train.models import build_model, flop_params
 
 PUBLIC = {"step": "public", "max_steps": 100, "tol": 1e-4, "stop_rule": "raw"}  # mixmin_gen.py
 SHAPE = {"layers": 1, "hidden": 16, "ffn": 32, "heads": 2, "context": 12}
@@ -285,13 +285,13 @@ def test_group_weights_weight_the_rows_and_the_split_is_stratified():
 @pytest.mark.parametrize("override", ["eta=0", "step=adam", "max_steps=0", "stop_rule=grad", "holdout=1.0",
                                       "proxy_tokens=0", "batch_size=0", "tol=-1"])
 def test_bad_options_are_refused(override):
-    from fastmix.pipeline import build
+    from fastmix.run.pipeline import build
     with pytest.raises(UserError, match=f"optimizer.{override.split('=')[0]}="):
         build(compose(["optimizer=mixmin", f"optimizer.{override}"]).optimizer)
 
 
 def test_yaml_builds_ours_and_the_published_values():
-    from fastmix.pipeline import build
+    from fastmix.run.pipeline import build
     opt = build(compose(["optimizer=mixmin"]).optimizer)
     assert (opt.eta, opt.step, opt.max_steps, opt.tol, opt.stop_rule, opt.holdout) == \
         (1.0, "length", 2000, 1e-5, "gap", 0.2)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import compose
 
-from fastmix.data import prepare_corpus
+from fastmix.data.corpus import prepare_corpus
 from fastmix.errors import UserError
-from fastmix.objective import QAObjective, TextFileObjective, ValidationObjective
+from fastmix.search.objective import QAObjective, TextFileObjective, ValidationObjective
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,18 @@ import pandas as pd
 import pytest
 from conftest import compose, scripted_context
 
-from baselines.proxy_search import Regressor, dirichlet_mixtures, finish_mixtures, strengths, temper, usage_bound
+from baselines.proxy_search import (
+    Regressor,
+    dirichlet_mixtures,
+    finish_mixtures,
+    strengths,
+    temper,
+    usage_bound,
+)
 from baselines.regmix import RegMix
 from baselines.regmix_replay import main
-from fastmix import pipeline
 from fastmix.errors import UserError
+from fastmix.run import pipeline
 
 SRC = ["a", "b", "c", "d"]
 PRIOR = dict(zip(SRC, [0.4, 0.3, 0.2, 0.1]))

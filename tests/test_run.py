@@ -40,8 +40,8 @@ def test_smoke_end_to_end(smoke_args, tiny_corpus, tmp_path):
     tok = AutoTokenizer.from_pretrained(run / "model")
     assert model.config.vocab_size == len(tok) and tok.eos_token_id is not None
     # Every score of the target is read on the test split, which the search never reads.
-    from fastmix.data import prepare_corpus
-    from fastmix.objective import ValidationObjective
+    from fastmix.data.corpus import prepare_corpus
+    from fastmix.search.objective import ValidationObjective
     corpus = prepare_corpus(compose(smoke_args).data)
     searched = ValidationObjective(corpus, max_tokens_per_source=1024)
     assert res["eval_split"] == "test" and searched.split == "val"
@@ -115,7 +115,7 @@ def test_bad_input_stops_cleanly(case, message, smoke_args, tiny_corpus, tmp_pat
         assert "Traceback" not in r.stderr  # one message, not a stack trace
     else:  # the job itself raises UserError, which run.py prints as one line (the CLI cases show it)
         from fastmix.errors import UserError
-        from fastmix.pipeline import run_job
+        from fastmix.run.pipeline import run_job
         with pytest.raises(UserError) as e:
             run_job(compose(smoke_args + extra), tmp_path / "run")
         assert message in str(e.value)
@@ -150,15 +150,18 @@ def test_done_is_skipped_only_for_the_same_config(smoke_args, tmp_path):
     cannot change the numbers) skips, a changed one re-runs and names the key,
     `skip_done=always` skips whatever DONE records; an earlier version's empty DONE
     is judged by its result.json's config, and without one it is re-run."""
+    from omegaconf import OmegaConf
+
     from fastmix.errors import UserError
     from fastmix.records import check_done, mark_done
-    from omegaconf import OmegaConf
     cfg = compose(smoke_args)
     mark_done(tmp_path, cfg)
     assert check_done(tmp_path, cfg).skip
     assert check_done(tmp_path, compose(smoke_args + ["threads=1", "progress=true", "executor=local"])).skip
     # the SLURM launcher checks the config it composes, Hydra's node included: the same rule
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
     from fastmix.config import REPO
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         assert check_done(tmp_path, hydra_compose("config", smoke_args, return_hydra_config=True)).skip

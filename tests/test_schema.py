@@ -76,9 +76,9 @@ def test_shipped_configs_pass(experiment, group):
 def test_every_optimizer_yaml_matches_its_params(optimizer, scale):
     """Every key of conf/optimizer/<name>.yaml is declared by the class's Params and
     every declared key is set, at every scale; the YAML then builds, into an object of
-    the method protocol (fastmix.optimizer.MixtureOptimizer)."""
-    from fastmix.optimizer import MixtureOptimizer, RegroupsSources
-    from fastmix.pipeline import build
+    the method protocol (fastmix.search.optimizer.MixtureOptimizer)."""
+    from fastmix.run.pipeline import build
+    from fastmix.search.optimizer import MixtureOptimizer, RegroupsSources
     cfg = compose([f"optimizer={optimizer}", f"scale={scale}"])
     built = build(cfg.optimizer)
     assert schema.check_params(cfg.optimizer, "optimizer").__name__ == type(built).__name__
@@ -87,9 +87,9 @@ def test_every_optimizer_yaml_matches_its_params(optimizer, scale):
 
 
 def test_an_object_that_is_not_a_method_is_refused():
-    from fastmix.pipeline import build
+    from fastmix.run.pipeline import build
     cfg = compose(["optimizer=uniform"])
-    cfg.optimizer._target_ = "fastmix.fanout.InProcess"
+    cfg.optimizer._target_ = "fastmix.run.fanout.InProcess"
     with pytest.raises(UserError, match="is not a mixture optimizer: it needs"):
         build(cfg.optimizer)
 

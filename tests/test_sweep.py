@@ -1,9 +1,9 @@
 """Sweeps through Hydra launchers, the end-of-sweep summary, the tables, plots
 and notebooks built from run folders, and the paper experiments' configs."""
 import json
-import re
 import math
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -168,7 +168,7 @@ def test_slurm_launcher_writes_the_sbatch_script(smoke_args, tmp_path):
 def test_job_threads_share_the_cores():
     from omegaconf import OmegaConf
 
-    from fastmix.sweep import job_threads
+    from fastmix.run.sweep import job_threads
     cores = len(os.sched_getaffinity(0))
     joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
     assert job_threads(OmegaConf.create({"_target_": joblib, "n_jobs": -1})) == 1
@@ -203,7 +203,7 @@ def test_paper_experiment_stops_before_downloading(tmp_path):
     (["experiment=paper_posttrain", f"data.root={REPO / 'data' / 'embedded'}"], "data.tokenizer.path is not set"),
 ])
 def test_paper_experiment_data_errors(overrides, message):
-    from fastmix.data import prepare_corpus
+    from fastmix.data.corpus import prepare_corpus
     from fastmix.errors import UserError
     with pytest.raises(UserError, match=message.replace(".", r"\.")):
         prepare_corpus(compose(overrides).data)

@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import compose
 
-from fastmix.cost import CostMeter
-from fastmix.data import SealedSplitRead, prepare_corpus
-from fastmix.objective import ValidationObjective
-from fastmix.optimizer import SearchResult
-from fastmix.pipeline import run_search
-from fastmix.proxies import ProxyJob
-from fastmix.tasks import build_local_suite
+from fastmix.data.corpus import SealedSplitRead, prepare_corpus
+from fastmix.eval.tasks import build_local_suite
+from fastmix.run.pipeline import run_search
+from fastmix.search.objective import ValidationObjective
+from fastmix.search.optimizer import SearchResult
+from fastmix.search.proxies import ProxyJob
+from fastmix.train.cost import CostMeter
 
 
 @pytest.fixture(scope="module")

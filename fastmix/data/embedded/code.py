@@ -6,7 +6,7 @@ import re
 import sysconfig
 from pathlib import Path
 
-from fastmix.corpus.common import CODE_WHOLE_CHARS, Item, py_files, read_text, chunk_paragraphs, clean_text
+from fastmix.data.embedded.common import (CODE_WHOLE_CHARS, Item, chunk_paragraphs, clean_text, py_files, read_text)
 
 # stdlib folders/files left out of `code`: tests, GUIs' demo code, third-party
 # packages, generated tables (encodings), a docs dump (pydoc_data), and

@@ -10,25 +10,15 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from fastmix import mathgen
-from fastmix.corpus.code import code_items, code_origin
-from fastmix.corpus.common import (
-    DEFAULT_MAX_BYTES,
-    DOCS_FILE,
-    FORMAT_VERSION,
-    MANIFEST,
-    MAX_SKIPS,
-    MIN_DOC_CHARS,
-    SOURCES,
-    Item,
-    clean_text,
-)
-from fastmix.corpus.dialogue import dialogue_items, dialogue_origin
-from fastmix.corpus.drama import drama_items, drama_origin
-from fastmix.corpus.math_source import math_items, math_origin
-from fastmix.corpus.reference import reference_items, reference_origin
-from fastmix.corpus.techdocs import techdocs_items, techdocs_origin
-from fastmix.data import sha256_file
+from fastmix.data.embedded import mathgen
+from fastmix.data.embedded.code import code_items, code_origin
+from fastmix.data.embedded.common import (DEFAULT_MAX_BYTES, DOCS_FILE, FORMAT_VERSION, Item, MANIFEST, MAX_SKIPS, MIN_DOC_CHARS, SOURCES, clean_text)
+from fastmix.data.embedded.dialogue import dialogue_items, dialogue_origin
+from fastmix.data.embedded.drama import drama_items, drama_origin
+from fastmix.data.embedded.math_source import math_items, math_origin
+from fastmix.data.embedded.reference import reference_items, reference_origin
+from fastmix.data.embedded.techdocs import techdocs_items, techdocs_origin
+from fastmix.data.corpus import sha256_file
 from fastmix.records import atomic_file
 
 BUILDERS: dict[str, tuple[Callable[[dict], list[Item]], Callable[[], str]]] = {
@@ -141,7 +131,7 @@ def build_corpus(out_dir: Path, max_bytes_per_source: int = DEFAULT_MAX_BYTES,
     say = print if verbose else (lambda *a, **k: None)
     if not force and is_up_to_date(out_dir, max_bytes_per_source):
         man = read_manifest(out_dir)
-        # Refresh the mtime so make, which compares it with fastmix/corpus/*.py, stops asking.
+        # Refresh the mtime so make, which compares it with fastmix/data/embedded/*.py, stops asking.
         os.utime(out_dir / MANIFEST)
         say(f"{out_dir}: up to date ({man['total']['docs']} documents, {man['total']['bytes'] / 1e6:.2f} MB)")
         return man
@@ -176,7 +166,7 @@ def build_corpus(out_dir: Path, max_bytes_per_source: int = DEFAULT_MAX_BYTES,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastmix.corpus", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fastmix.data.embedded", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("data/embedded"), help="output folder (default data/embedded)")
     ap.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
                     help=f"cap per source in bytes of cleaned text (default {DEFAULT_MAX_BYTES})")

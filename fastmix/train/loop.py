@@ -19,7 +19,7 @@ and `weighted_loss` of the same forward is backpropagated. One forward, the
 same FLOPs as any step; slower in wall time on CPU at large vocabularies, where
 it materialises the [tokens, vocab] logits the fused path avoids.
 
-Data-parallel (fastmix.distributed: torchrun or Submitit tasks): every rank draws
+Data-parallel (fastmix.train.distributed: torchrun or Submitit tasks): every rank draws
 the same global micro-batch of `batch_size x world size` rows from its own copy of
 the sampler (same seed, so the RNG state matches on all ranks) and trains on its
 rows [rank*B, (rank+1)*B); gradients are averaged by hand after the last
@@ -47,16 +47,16 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from fastmix import distributed
-from fastmix.cost import Cost, CostMeter
-from fastmix.fused_loss import fused_linear_cross_entropy, tune_malloc
-from fastmix.models import build_model, flop_params
 from fastmix.records import atomic_file, write_text_atomic
-from fastmix.sampling import Batch, MixtureSampler
 from fastmix.schema import run_config
+from fastmix.train import distributed
+from fastmix.train.cost import Cost, CostMeter
+from fastmix.train.fused_loss import fused_linear_cross_entropy, tune_malloc
+from fastmix.train.models import build_model, flop_params
+from fastmix.train.sampling import Batch, MixtureSampler
 
 if TYPE_CHECKING:
-    from fastmix.data import Corpus
+    from fastmix.data.corpus import Corpus
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def micro_batch_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(weighted loss to backward, [B, T] detached token losses). `fused_loss`
-        (default) runs the LM head + cross-entropy chunked (fastmix.fused_loss):
+        (default) runs the LM head + cross-entropy chunked (fastmix.train.fused_loss):
         same numbers, about twice the CPU throughput at large vocabularies."""
         if not self.cfg.fused_loss:
             tok = token_losses(self.model, batch, self.device, self.cfg.precision)
@@ -451,7 +451,7 @@ def train_on_mixture(corpus: Corpus, run_cfg: DictConfig, weights: dict[str, flo
     weighted=False: sources sampled by w. weighted=True: sampled uniformly, loss
     weighted by w (FastMix, DoReMi). `init_from`: start from a saved model's
     weights instead (DeMix's components continue one shared base). `identity`: the
-    fingerprint a checkpoint must carry to be resumed (fastmix.train.Trainer). Returns
+    fingerprint a checkpoint must carry to be resumed (fastmix.train.loop.Trainer). Returns
     (model, last metrics)."""
     model = new_model(corpus, run_cfg.model, seed)
     if init_from is not None:

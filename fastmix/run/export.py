@@ -1,6 +1,6 @@
 """Write a found mixture in the forms training stacks read.
 
-    python -m fastmix.export RUN/mixture.json --format megatron|olmo|datasets \
+    python -m fastmix.run.export RUN/mixture.json --format megatron|olmo|datasets \
         [--out PATH] [--path SOURCE=PREFIX ...]
 
 The input is a run folder (its mixture.json is read), a mixture.json or a
@@ -181,7 +181,7 @@ def export(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastmix.export", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fastmix.run.export", description=__doc__.split("\n")[0])
     p.add_argument("mixture", type=Path, help="run folder, mixture.json or result.json")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", type=Path, help="write here (atomically) instead of stdout")

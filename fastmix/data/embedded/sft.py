@@ -1,13 +1,13 @@
 """Build the embedded post-training corpus: prompt/answer sources for SFT-style
 mixture search (FastMix's post-training setting, at CPU scale).
 
-    python -m fastmix.sft_corpus --embedded data/embedded --out data/embedded_sft
+    python -m fastmix.data.embedded.sft --embedded data/embedded --out data/embedded_sft
 
 Every source is `<out>/<source>/pairs.jsonl` of {"prompt": ..., "answer": ...}
 rows, derived deterministically from the embedded corpus (which must be built
 first) or from the seeded math generator; `manifest.json` is written last.
 
-  math_qa      generated arithmetic/algebra problems (fastmix.mathgen, seed 1234):
+  math_qa      generated arithmetic/algebra problems (fastmix.data.embedded.mathgen, seed 1234):
                "Question: ...\\nAnswer:" -> " 42". The target skill of the demo.
   factbook_qa  one-line "Field: value" facts of the reference source:
                "Question: What is the <field> of <country>?\\nAnswer:" -> " <value>".
@@ -27,7 +27,7 @@ import re
 import sys
 from pathlib import Path
 
-from fastmix import mathgen
+from fastmix.data.embedded import mathgen
 from fastmix.records import write_json, write_text_atomic
 
 MATH_SEED = 1234
@@ -102,7 +102,7 @@ def build_sft_corpus(embedded: Path, out: Path, max_pairs: int = MAX_PAIRS) -> d
         "code": code_pairs(_docs(embedded, "code")),
         "dialogue": dialogue_pairs(_docs(embedded, "dialogue")),
     }
-    manifest = {"sources": {}, "origin": "derived from data/embedded (see fastmix/sft_corpus.py)"}
+    manifest = {"sources": {}, "origin": "derived from data/embedded (see fastmix/data/embedded/sft.py)"}
     for name, pairs in sources.items():
         pairs = _thin(pairs, max_pairs)
         body = "".join(json.dumps(p) + "\n" for p in pairs)

@@ -3,14 +3,14 @@
 FLOP rule (write-down of DESIGN.md's): training a model on D tokens costs
 6*N*D, a forward-only pass (evaluation, scoring) 2*N*D, where N is every
 parameter except the input-embedding table (the LM head counts; see
-`fastmix.models.flop_params`). Attention's T^2 term is left out, as in the
+`fastmix.train.models.flop_params`). Attention's T^2 term is left out, as in the
 RegMix and Chinchilla accounting, so costs stay comparable with the papers.
 device_hours = sum over the work of seconds x devices / 3600, where `devices`
 is the number of GPUs, or on CPU the share of the machine's cores the process
 used (torch threads / cores). So two 1-thread proxies side by side on a 2-core
 machine pay what one 2-thread proxy pays in the same time, and a search's
 device-hours do not depend on the executor that ran its proxies.
-Data-parallel training (fastmix.distributed) over W ranks: `devices` is W x one
+Data-parallel training (fastmix.train.distributed) over W ranks: `devices` is W x one
 rank's, so device-hours are wall time x all devices; each rank's meter charges
 the FLOPs and tokens of the global batch (all ranks' tokens), and rank 0's
 meter is the one written, so the work is counted once, not W times.
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from fastmix import distributed
+from fastmix.train import distributed
 
 
 def device_name(device: torch.device) -> str:

@@ -4,7 +4,7 @@ run.py composes the config and calls `run_job`; everything a stage needs is
 built here from the config, so the stages read top to bottom.
 
 Launched as several data-parallel processes (torchrun, Submitit tasks; see
-fastmix.distributed), every rank runs every stage: each training (proxies and
+fastmix.train.distributed), every rank runs every stage: each training (proxies and
 target) is data-parallel through the one loop, and the evaluations are repeated
 on every rank (same model, same numbers). Rank 0 alone writes the run folder's
 files; a barrier follows a write that other ranks read next.
@@ -20,18 +20,19 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fastmix import distributed, records, schema
-from fastmix.cost import CostMeter
-from fastmix.data import Corpus, prepare_corpus, test_split_sealed
+from fastmix import records, schema
+from fastmix.data.corpus import Corpus, prepare_corpus, test_split_sealed
 from fastmix.errors import UserError
-from fastmix.evaluation import evaluate_suite, lm_eval_commands, load_tasks, suite_from_config
-from fastmix.fanout import InProcess
+from fastmix.eval.harness import evaluate_suite, lm_eval_commands, load_tasks, suite_from_config
 from fastmix.logs import quiet_library_bars
-from fastmix.models import save_with_tokenizer
-from fastmix.objective import ValidationObjective
-from fastmix.optimizer import MixtureOptimizer, RegroupsSources, SearchContext, SearchResult
-from fastmix.proxies import ProxyRunner
-from fastmix.train import resolve_device, set_threads, train_on_mixture
+from fastmix.run.fanout import InProcess
+from fastmix.search.objective import ValidationObjective
+from fastmix.search.optimizer import MixtureOptimizer, RegroupsSources, SearchContext, SearchResult
+from fastmix.search.proxies import ProxyRunner
+from fastmix.train import distributed
+from fastmix.train.cost import CostMeter
+from fastmix.train.loop import resolve_device, set_threads, train_on_mixture
+from fastmix.train.models import save_with_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def build(node: DictConfig, group: str = "optimizer", **extra):
         raise
     if group == "optimizer" and not isinstance(built, MixtureOptimizer):
         raise UserError(f"optimizer {params.get('_target_')} is not a mixture optimizer: it needs `name`, "
-                        f"`Params`, `search(ctx)` and `planned_proxy_runs(n)` (fastmix.optimizer.MixtureOptimizer).")
+                        f"`Params`, `search(ctx)` and `planned_proxy_runs(n)` (fastmix.search.optimizer.MixtureOptimizer).")
     return built
 
 

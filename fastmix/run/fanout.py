@@ -4,7 +4,7 @@ a Submitit job array on SLURM.
 
 A unit is a picklable callable applied to one job; it writes its own record and
 returns it, so a re-run of an interrupted search finds the finished units'
-records and re-runs only the rest (see `fastmix.proxies.ProxyUnit`). Every
+records and re-runs only the rest (see `fastmix.search.proxies.ProxyUnit`). Every
 executor runs all jobs it can before reporting failures, so one bad unit does
 not throw away the others' work.
 """
@@ -124,7 +124,7 @@ class Submitit:
             raise UserError("executor=slurm needs SLURM's `sbatch` on PATH; on one machine use "
                             "executor=local, or executor=slurm executor.cluster=local.")
         if cluster == "slurm":
-            from fastmix.slurm import watch_with_squeue
+            from fastmix.run.slurm import watch_with_squeue
             watch_with_squeue()
         self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
         params: dict[str, Any] = {"timeout_min": int(timeout_min), "cpus_per_task": int(cpus_per_unit),

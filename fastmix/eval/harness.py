@@ -2,7 +2,7 @@
 
 A *suite* is a dict {task: {"metric": "acc", "num_fewshot": 0 | [0, ..., 5],
 "yaml": path (local tasks only), "chance": 0.25 | None, ...}}: the manifest
-`fastmix.tasks.build_local_suite` returns for `eval=local`, or
+`fastmix.eval.tasks.build_local_suite` returns for `eval=local`, or
 `paper14_suite()` (standard lm-eval task names) for `eval=paper14`.
 `evaluate_suite` runs it and returns lm-eval's results plus one score per task
 and their mean.
@@ -56,9 +56,9 @@ from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, ma
 from tqdm.auto import tqdm
 
 from fastmix.errors import UserError
-from fastmix.models import flop_params
 from fastmix.schema import eval_config
-from fastmix.train import autocast
+from fastmix.train.loop import autocast
+from fastmix.train.models import flop_params
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def suite_from_config(eval_cfg, corpus, split: str = "test") -> dict:
     kind = eval_cfg.kind
     if kind == "local":
         from fastmix.config import abspath
-        from fastmix.tasks import build_local_suite
+        from fastmix.eval.tasks import build_local_suite
         tasks = eval_cfg.tasks
         suite = build_local_suite(corpus, abspath(eval_cfg.suite_dir), int(eval_cfg.n_per_task),
                                   int(eval_cfg.seed), list(tasks) if tasks else None, split=split)
@@ -116,7 +116,7 @@ def lm_eval_commands(model_dir: Path, suite: dict, limit: int | None = None, bat
     """How stock lm-eval re-scores a saved run with the same numbers: the local suite's
     task folder (`include_path`) and one `lm_eval` command per shot count (lm-eval takes
     one --num_fewshot per call; its default few-shot seed is the run's, 1234). fp32,
-    EOS as the prefix (the saved tokenizer's BOS, fastmix.models.save_with_tokenizer)
+    EOS as the prefix (the saved tokenizer's BOS, fastmix.train.models.save_with_tokenizer)
     and no logits cache (HFLM's cache mis-scores a request whose tokens equal another's
     with a different context/continuation split: see the module doc), as the run scored."""
     import shlex

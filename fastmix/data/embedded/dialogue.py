@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastmix.corpus.common import Item, dist_version, package_dir, clean_text
+from fastmix.data.embedded.common import Item, clean_text, dist_version, package_dir
 
 DIALOGUE_DOC_CHARS = 1000
 

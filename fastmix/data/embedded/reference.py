@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from fastmix.corpus.common import Item, dist_version, package_dir, chunk_paragraphs, clean_text, merge_small
+from fastmix.data.embedded.common import (Item, chunk_paragraphs, clean_text, dist_version, merge_small, package_dir)
 
 _BR = re.compile(r"<br\s*/?>|</p>\s*<p>", re.IGNORECASE)
 _TAG = re.compile(r"<[^>]+>")

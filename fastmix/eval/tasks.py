@@ -74,7 +74,7 @@ from pathlib import Path
 
 import yaml
 
-from fastmix.data import check_not_sealed
+from fastmix.data.corpus import check_not_sealed
 from fastmix.errors import UserError
 from fastmix.records import building_dir, write_json, write_jsonl, write_text_atomic
 

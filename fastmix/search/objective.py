@@ -36,13 +36,13 @@ import numpy as np
 import torch
 
 from fastmix.config import abspath
-from fastmix.data import (Corpus, Pair, SourceSpec, doc_key, files_under, check_not_sealed, iter_documents,
-                          tokenize_documents)
+from fastmix.data.corpus import Corpus, check_not_sealed
+from fastmix.data.sources import Pair, SourceSpec, doc_key, files_under, iter_documents, tokenize_documents
 from fastmix.errors import UserError
-from fastmix.optimizer import validate_weights
-from fastmix.sampling import Batch, eval_windows
 from fastmix.schema import MethodParams, positive_int, rule
-from fastmix.train import token_losses
+from fastmix.search.optimizer import validate_weights
+from fastmix.train.loop import token_losses
+from fastmix.train.sampling import Batch, eval_windows
 
 SPLITS = ("val", "test")
 
@@ -117,7 +117,7 @@ class Objective:
     @torch.no_grad()
     def losses(self, model, device, meter=None, precision: str = "bf16") -> tuple[float, dict[str, float]]:
         """(the loss, each group's mean token loss) from one pass over the rows."""
-        from fastmix.models import flop_params
+        from fastmix.train.models import flop_params
         was_training = model.training
         model.eval()
         total, groups = 0.0, {}
@@ -207,7 +207,7 @@ class ValidationObjective(Objective):
 
 def split_objective_documents(docs: list, lengths) -> dict[str, list[int]] | None:
     """An external objective's documents (their indices) in two independent halves,
-    like a source's splits: ordered by a hash of their text (fastmix.data.split_documents'
+    like a source's splits: ordered by a hash of their text (fastmix.data.sources.split_documents'
     order), each goes to the half with fewer tokens so far (`lengths`: each document's
     tokens), so the two hold about the same number of tokens. None for a single
     document (split by blocks of windows instead)."""

@@ -24,7 +24,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from fastmix import distributed, records
+from fastmix import records
+from fastmix.train import distributed
 
 log = logging.getLogger("sweep")
 SWEEP_ID = "FASTMIX_SWEEP_ID"  # env var: set by the launching process, inherited by every job

@@ -4,7 +4,7 @@ class with `search(ctx) -> SearchResult`, built by Hydra from
 
 The context hands a method everything it may use, and nothing else: the
 tokenized sources, the objective, the device, the proxy's and the target's run
-settings, the eval settings, the proxies (`ctx.proxies`: fastmix.proxies, the one
+settings, the eval settings, the proxies (`ctx.proxies`: fastmix.search.proxies, the one
 training loop) and the one cost meter, so that every method pays for its proxies
 the same way. It carries no raw job config.
 """
@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
-from fastmix.cost import CostMeter
-from fastmix.data import Corpus
+from fastmix.data.corpus import Corpus
 from fastmix.errors import UserError
+from fastmix.train.cost import CostMeter
 
 if TYPE_CHECKING:
-    from fastmix.objective import Objective
-    from fastmix.proxies import ProxyRunner
     from fastmix.schema import EvalSchema, RunSchema
+    from fastmix.search.objective import Objective
+    from fastmix.search.proxies import ProxyRunner
 
 
 def validate_weights(weights: dict[str, float], sources: list[str], what: str = "mixture weights",
@@ -85,7 +85,7 @@ class SearchResult:
 
 @runtime_checkable
 class MixtureOptimizer(Protocol):
-    """What every method is: fastmix.pipeline.build refuses an optimizer that is not."""
+    """What every method is: fastmix.run.pipeline.build refuses an optimizer that is not."""
     name: str
     # the YAML's keys: a dataclass of fastmix.schema.MethodParams with each key's type
     # and allowed values, checked before the method is built (fastmix.schema.check_params)

@@ -6,7 +6,7 @@ checked against the public code (hrtan/fastmix, pretrain/train_fastmix_val.py):
 * w = softmax(z), z = 0 (uniform) at the start (Sec. 3.2; public code: ones).
 * Inner step (Eq. 3): sources sampled uniformly, each sequence's token loss
   weighted by w of its source, normalised by the sum of weights; AdamW on the
-  model. This is `fastmix.train.Trainer` with `weighted=True`.
+  model. This is `fastmix.train.loop.Trainer` with `weighted=True`.
 * Outer step every T = 20 micro-batches (Sec. 3.3; `eval_step_interval: 20`):
   - G_val = d L_obj / d W_head on one objective batch (Eq. 5);
   - G_k  = d L_k / d W_head on the current micro-batch's rows of source k;
@@ -52,12 +52,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastmix import distributed
-from fastmix.fused_loss import head_gradient, head_gradient_dots
-from fastmix.models import flop_params
-from fastmix.optimizer import SearchContext, SearchResult
 from fastmix.schema import BETAS, MethodParams, rule
-from fastmix.train import (
+from fastmix.search.optimizer import SearchContext, SearchResult
+from fastmix.train import distributed
+from fastmix.train.fused_loss import head_gradient, head_gradient_dots
+from fastmix.train.loop import (
     HookContext,
     StepInfo,
     last_hidden,
@@ -66,6 +65,7 @@ from fastmix.train import (
     token_losses,
     weighted_loss,
 )
+from fastmix.train.models import flop_params
 
 
 def softmax_chain(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

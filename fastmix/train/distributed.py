@@ -1,6 +1,6 @@
 """Data-parallel training over several processes: `torchrun`, or Submitit tasks on SLURM.
 
-The one training loop (fastmix.train) averages gradients across ranks by hand;
+The one training loop (fastmix.train.loop) averages gradients across ranks by hand;
 this module only joins the process group and offers the few collectives it and
 the mixture hooks need. In a single process (no launcher variables) nothing is
 initialised and every helper is a no-op, so the single-process numbers do not

@@ -30,10 +30,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from submitit.helpers import Checkpointable
 
-from fastmix import distributed, records
-from fastmix.cost import Cost, CostMeter
-from fastmix.data import Corpus, check_not_sealed, open_corpus, test_split_sealed
-from fastmix.train import resolve_device, set_threads, train_on_mixture
+from fastmix import records
+from fastmix.data.corpus import Corpus, check_not_sealed, open_corpus, test_split_sealed
+from fastmix.train import distributed
+from fastmix.train.cost import Cost, CostMeter
+from fastmix.train.loop import resolve_device, set_threads, train_on_mixture
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class ProxyRecord:
     weights: dict[str, float]
     objective: float  # the objective's loss on `split`
     split: str
-    cost: dict  # fastmix.cost.Cost.to_dict()
+    cost: dict  # fastmix.train.cost.Cost.to_dict()
     seed: int
     dir: str
     fingerprint: str
@@ -205,8 +206,8 @@ class ProxyRunner:
     """`ctx.proxies`: a search's proxies, through the one loop and the one meter.
 
     `proxy`: the proxy's run settings (schema-checked); `settings`: the plain config
-    pieces a unit needs (fastmix.pipeline.proxy_settings); `executor`: where units run
-    (fastmix.fanout); `folder`: the search's proxies/ folder."""
+    pieces a unit needs (fastmix.run.pipeline.proxy_settings); `executor`: where units run
+    (fastmix.run.fanout); `folder`: the search's proxies/ folder."""
 
     def __init__(self, corpus: Corpus, objective, meter: CostMeter, device: torch.device, proxy, settings: dict,
                  executor, folder: Path, seed: int, progress: bool = True, identity: str | None = None,

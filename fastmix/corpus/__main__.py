@@ -1,5 +1,0 @@
-import sys
-
-from fastmix.corpus.build import main
-
-sys.exit(main())

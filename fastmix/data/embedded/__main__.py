@@ -1,0 +1,5 @@
+import sys
+
+from fastmix.data.embedded.build import main
+
+sys.exit(main())
