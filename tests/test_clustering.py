@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import compose, cut_corpus
 
-from baselines import clustering
+from baselines import clustering, embedding
 from fastmix.data import corpus as token_cache
 from fastmix.data import sources
 from fastmix.errors import UserError
@@ -33,8 +33,8 @@ def fake_embed(texts, **kw):
 
 @pytest.fixture
 def fake(monkeypatch):
-    monkeypatch.setattr(clustering, "embed_texts", fake_embed)
-    monkeypatch.setattr(clustering, "encoder_params", lambda *a, **k: 1000)
+    monkeypatch.setattr(embedding, "embed_texts", fake_embed)
+    monkeypatch.setattr(embedding, "encoder_params", lambda *a, **k: 1000)
 
 
 def token_docs(corpus, sources, split):
@@ -78,7 +78,7 @@ def test_cache_reused_and_embeddings_shared(tiny_corpus, tmp_path, fake, monkeyp
     corpus = token_cache.prepare_corpus(cfg)
     a = clustering.cluster_corpus(corpus, cfg, n_clusters=2, kmeans_k=10, seed=0)
     mtime = (a.root / "meta.json").stat().st_mtime_ns
-    monkeypatch.setattr(clustering, "embed_texts", lambda *x, **k: pytest.fail("embeddings not reused"))
+    monkeypatch.setattr(embedding, "embed_texts", lambda *x, **k: pytest.fail("embeddings not reused"))
     b = clustering.cluster_corpus(corpus, cfg, n_clusters=2, kmeans_k=10, seed=0)
     assert b.root == a.root and (b.root / "meta.json").stat().st_mtime_ns == mtime
     assert np.array_equal(b.tokens["cluster_00"]["train"], a.tokens["cluster_00"]["train"])
@@ -141,8 +141,8 @@ def test_bad_input(tiny_corpus, tmp_path, kw, match, monkeypatch):
     cfg = data_cfg(tiny_corpus, tmp_path)
     corpus = token_cache.prepare_corpus(cfg)
     if "model" not in kw:
-        monkeypatch.setattr(clustering, "embed_texts", fake_embed)
-        monkeypatch.setattr(clustering, "encoder_params", lambda *a, **k: 1000)
+        monkeypatch.setattr(embedding, "embed_texts", fake_embed)
+        monkeypatch.setattr(embedding, "encoder_params", lambda *a, **k: 1000)
     with pytest.raises(UserError, match=match):
         clustering.cluster_corpus(corpus, cfg, **{"kmeans_k": 10, "seed": 0, **kw})
 
