@@ -11,15 +11,8 @@ import pytest
 import torch
 from conftest import compose, run_cli, scripted_context
 
-from baselines.mixmin import (
-    MixMin,
-    mirror_descent,
-    mixmin_grad,
-    mixmin_loss,
-    row_logliks,
-    split_rows,
-    stack_rows,
-)
+from baselines.mirror_descent import mirror_descent, mixmin_grad, mixmin_loss
+from baselines.mixmin import MixMin, row_logliks, split_rows, stack_rows
 from fastmix.errors import UserError
 from fastmix.search.objective import Objective
 from fastmix.train.cost import CostMeter
