@@ -44,13 +44,9 @@ from typing import Any
 import numpy as np
 
 from baselines.proxy_search import (
-    GENERATOR_DEFAULTS,
-    REGRESSORS,
+    EarlyStoppedParams,
     Regressor,
-    ScaledParams,
-    check_generator,
     dirichlet_mixtures,
-    pick_preset,
     renormalise,
     spearman,
     top_k_mean,
@@ -112,53 +108,34 @@ class Preset:
     min_child_samples: int = rule(ge=1)
 
 
-class Climb:
+@dataclass
+class Climb(EarlyStoppedParams):
+    """Its fields are conf/optimizer/climb.yaml's keys: types and allowed values
+    (the YAML has the values, each with its source)."""
     name = "climb"
+    paper: Preset = rule()
+    demo: Preset = rule()
+    smoke: Preset = rule()
+    explore_pool: float = rule(ge=1)  # 1 = keep the top n
+    clustering: Any = rule()  # baselines.clustering.cluster_corpus's arguments and `enabled`
 
-    @dataclass
-    class Params(ScaledParams):
-        """conf/optimizer/climb.yaml: types and allowed values (the YAML has the values)."""
-        paper: Preset = rule()
-        demo: Preset = rule()
-        smoke: Preset = rule()
-        explore_pool: float = rule(ge=1)  # 1 = keep the top n
-        regressor: str = rule(choices=REGRESSORS)
-        early_stopping_rounds: int = rule(ge=0)  # 0 = off
-        early_stopping_holdout: float = rule(ge=0, lt=1)
-        lightgbm: Any = rule()  # LGBMRegressor's own parameters
-        clustering: Any = rule()  # baselines.clustering.cluster_corpus's arguments and `enabled`
-
-    def __init__(self, scale: str = "demo", paper: dict | None = None, demo: dict | None = None,
-                 smoke: dict | None = None, regressor: str = "lightgbm", lightgbm: dict | None = None,
-                 early_stopping_rounds: int = 20, early_stopping_holdout: float = 0.2,
-                 explore_pool: float = 4.0, clustering: dict | None = None, **generator):
-        preset = pick_preset("climb", scale, {"paper": paper, "demo": demo, "smoke": smoke},
-                             ("rounds", "n_candidates", "output_top_k"))
+    def __post_init__(self):
+        super().__post_init__()
+        preset = self.preset
         self.rounds = [int(n) for n in preset.pop("rounds")]
         self.n_candidates = int(preset.pop("n_candidates"))
-        output_top_k = int(preset.pop("output_top_k"))
-        if not self.rounds or self.rounds[0] < 2 or min(self.rounds) < 1:
-            raise UserError(f"optimizer.{scale}.rounds is {self.rounds}; give proxies per round, the first "
-                            ">= 2 (a predictor needs 2 runs), e.g. [64, 32, 16].")
-        if not explore_pool >= 1:
-            raise UserError(f"optimizer.explore_pool is {explore_pool}; set it >= 1 (1 = keep the top n).")
-        need = max([int(round(explore_pool * n)) for n in self.rounds[1:]] or [1])
+        self.output_top_k = int(preset.pop("output_top_k"))
+        need = max([int(round(self.explore_pool * n)) for n in self.rounds[1:]] or [1])
         if self.n_candidates < need:
-            raise UserError(f"optimizer.{scale}.n_candidates is {self.n_candidates}; rounds {self.rounds} "
-                            f"with explore_pool {explore_pool} need at least {need}.")
-        if not 1 <= output_top_k <= self.n_candidates:
-            raise UserError(f"optimizer.{scale}.output_top_k is {output_top_k}; set it in 1..{self.n_candidates} "
-                            "(optimizer.<scale>.n_candidates).")
-        if int(early_stopping_rounds) < 0:
-            raise UserError(f"optimizer.early_stopping_rounds is {early_stopping_rounds}; set it >= 0 (0 = off).")
-        self.generator = check_generator(**{**GENERATOR_DEFAULTS, **generator})
-        self.regressor, self.lgbm_params = regressor, {**(lightgbm or {}), **preset}
-        self.explore_pool, self.output_top_k = float(explore_pool), output_top_k
-        self.early_stopping_rounds, self.holdout = int(early_stopping_rounds), float(early_stopping_holdout)
-        self.clustering = dict(clustering or {})
+            raise UserError(f"optimizer.{self.scale}.n_candidates is {self.n_candidates}; rounds {self.rounds} "
+                            f"with explore_pool {self.explore_pool} need at least {need}.")
+        if self.output_top_k > self.n_candidates:
+            raise UserError(f"optimizer.{self.scale}.output_top_k is {self.output_top_k}; set it in "
+                            f"1..{self.n_candidates} (optimizer.<scale>.n_candidates).")
+        self.lgbm_params = {**(self.lightgbm or {}), **preset}
+        self.holdout = self.early_stopping_holdout
+        self.clustering = dict(self.clustering or {})
         self.clustering_params = {k: v for k, v in self.clustering.items() if k != "enabled"}
-        # an unknown regressor or a bad holdout fails at build time, before any proxy trains
-        Regressor(regressor, holdout=self.holdout)
 
     def prepare_corpus(self, corpus, data=None, meter=None):
         """The corpus to search over: unchanged, or its clusters (Sec. 3.1) when

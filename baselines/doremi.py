@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastmix.schema import MethodParams, rule
+from fastmix.schema import rule
 from fastmix.search.optimizer import SearchContext, SearchResult
 from fastmix.train import distributed
 from fastmix.train.loop import HookContext, StepInfo, token_losses
@@ -187,24 +187,17 @@ class DoReMiHook:
         self.ref_tokens, self.trace = int(state["ref_tokens"]), list(state["trace"])
 
 
+@dataclass
 class DoReMi:
+    """Its fields are conf/optimizer/doremi.yaml's keys: types and allowed values
+    (the YAML has the values, each with its source)."""
     name = "doremi"
-
-    @dataclass
-    class Params(MethodParams):
-        """conf/optimizer/doremi.yaml: types and allowed values (the YAML has the values)."""
-        reference: str = rule(choices=("natural", "uniform"))
-        eta: float = rule(gt=0)
-        smoothing: float = rule(ge=0, le=1)
-        update_every: str = rule(choices=("step", "micro_batch"))
-        absent: str = rule(choices=("carry", "zero"))
-        trace_every: int = rule(ge=1)
-
-    def __init__(self, reference: str = "natural", eta: float = 1.0, smoothing: float = 1e-3,
-                 update_every: str = "step", absent: str = "carry", trace_every: int = 10):
-        # values checked against Params when the job starts (fastmix.schema.check_params)
-        self.reference, self.eta, self.smoothing = reference, eta, smoothing
-        self.update_every, self.absent, self.trace_every = update_every, absent, trace_every
+    reference: str = rule(choices=("natural", "uniform"))
+    eta: float = rule(gt=0)
+    smoothing: float = rule(ge=0, le=1)
+    update_every: str = rule(choices=("step", "micro_batch"))
+    absent: str = rule(choices=("carry", "zero"))
+    trace_every: int = rule(ge=1)
 
     def planned_proxy_runs(self, n_sources: int) -> int:
         return 2  # the reference and the DRO proxy, whatever K

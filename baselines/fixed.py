@@ -6,25 +6,20 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 from fastmix.errors import UserError
-from fastmix.schema import MethodParams, rule
+from fastmix.schema import rule
 from fastmix.search.optimizer import SearchContext, SearchResult, validate_weights
 
 
+@dataclass
 class Fixed:
     name = "fixed"
-
-    @dataclass
-    class Params(MethodParams):
-        weights: Optional[Dict[str, float]] = rule()  # {source: weight}; checked against the sources in search
-
-    def __init__(self, weights: dict[str, float] | None = None):
-        self.weights = dict(weights or {})
+    weights: Optional[Dict[str, float]] = rule()  # {source: weight}; checked against the sources in search
 
     def planned_proxy_runs(self, n_sources: int) -> int:
         return 0  # no search
 
     def search(self, ctx: SearchContext) -> SearchResult:
-        if not self.weights:
+        if not self.weights:  # null or {}
             raise UserError("optimizer=fixed needs optimizer.weights, e.g. "
                             f"optimizer.weights='{{{ctx.sources[0]}: 0.5, {ctx.sources[1]}: 0.5, ...}}'.")
         return SearchResult(validate_weights(self.weights, ctx.sources, "optimizer.weights"))

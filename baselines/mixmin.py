@@ -45,7 +45,7 @@ import torch
 
 from baselines.mirror_descent import STEPS, STOP_RULES, mirror_descent, mixmin_loss
 from fastmix.errors import UserError
-from fastmix.schema import MethodParams, rule
+from fastmix.schema import rule
 from fastmix.search.optimizer import SearchContext, SearchResult
 from fastmix.search.proxies import ProxyJob
 from fastmix.train.loop import token_losses
@@ -106,30 +106,19 @@ def stack_rows(per_source: list[dict], group_weights: dict[str, float], pick: di
     return np.concatenate(ll, axis=1), np.concatenate(lens), c / c.sum()
 
 
+@dataclass
 class MixMin:
+    """Its fields are conf/optimizer/mixmin.yaml's keys: types and allowed values
+    (the YAML has the values, each with its source)."""
     name = "mixmin"
-
-    @dataclass
-    class Params(MethodParams):
-        """conf/optimizer/mixmin.yaml: types and allowed values (the YAML has the values)."""
-        eta: float = rule(gt=0)
-        step: str = rule(choices=STEPS)
-        max_steps: int = rule(ge=1)
-        tol: float = rule(ge=0)
-        stop_rule: str = rule(choices=STOP_RULES)
-        holdout: float = rule(ge=0, lt=1)
-        proxy_tokens: Optional[int] = rule(ge=1)  # null = the proxy config's tokens
-        batch_size: Optional[int] = rule(ge=1)  # null = the objective's batch_size
-
-    def __init__(self, eta: float = 1.0, step: str = "length", max_steps: int = 2000, tol: float = 1e-5,
-                 stop_rule: str = "gap", holdout: float = 0.2, proxy_tokens: int | None = None,
-                 batch_size: int | None = None):
-        # values checked against Params when the job starts (fastmix.schema.check_params)
-        self.eta, self.step, self.max_steps, self.tol, self.stop_rule = (float(eta), step, int(max_steps),
-                                                                         float(tol), stop_rule)
-        self.holdout = float(holdout)
-        self.proxy_tokens = None if proxy_tokens is None else int(proxy_tokens)
-        self.batch_size = batch_size
+    eta: float = rule(gt=0)
+    step: str = rule(choices=STEPS)
+    max_steps: int = rule(ge=1)
+    tol: float = rule(ge=0)
+    stop_rule: str = rule(choices=STOP_RULES)
+    holdout: float = rule(ge=0, lt=1)
+    proxy_tokens: Optional[int] = rule(ge=1)  # null = the proxy config's tokens
+    batch_size: Optional[int] = rule(ge=1)  # null = the objective's batch_size
 
     def planned_proxy_runs(self, n_sources: int) -> int:
         return n_sources  # one proxy per source

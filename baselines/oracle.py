@@ -41,7 +41,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from fastmix.config import abspath
-from fastmix.schema import MethodParams, rule
+from fastmix.schema import rule
 from fastmix.search.optimizer import SearchContext, SearchResult
 from fastmix.search.proxies import ProxyJob
 
@@ -57,25 +57,18 @@ def simplex_grid(k: int, resolution: int) -> list[tuple[int, ...]]:
     return sorted(out, reverse=True)
 
 
+@dataclass
 class Oracle:
     name = "oracle"
     # the ground truth, not a search: it scores its grid of targets on the test split, so
     # the pipeline does not seal that split while it runs (fastmix.data.corpus.test_split_sealed)
     reads_test_split = True
 
-    @dataclass
-    class Params(MethodParams):
-        """conf/optimizer/oracle.yaml, whose values come from the top-level `oracle:` node."""
-        resolution: int = rule(ge=1)  # R: weights in steps of 1/R
-        grid_dir: Optional[str] = rule()
-        grid_seed: int = rule(ge=0)
-        noise_seeds: int = rule(ge=0)
-
-    def __init__(self, resolution: int = 10, grid_dir: str | None = None, grid_seed: int = 0,
-                 noise_seeds: int = 2):
-        # values checked against Params when the job starts (fastmix.schema.check_params)
-        self.resolution, self.grid_seed, self.noise_seeds = int(resolution), int(grid_seed), int(noise_seeds)
-        self.grid_dir = grid_dir
+    # conf/optimizer/oracle.yaml, whose values come from the top-level `oracle:` node
+    resolution: int = rule(ge=1)  # R: weights in steps of 1/R
+    grid_dir: Optional[str] = rule()
+    grid_seed: int = rule(ge=0)
+    noise_seeds: int = rule(ge=0)
 
     def grid_root(self, ctx: SearchContext) -> Path:
         """`grid_dir`: a folder; `sweep` = <the sweep's folder>/oracle_grid in a multirun

@@ -8,25 +8,29 @@ used first, in baselines/regmix.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from fastmix.errors import UserError
-from fastmix.schema import MethodParams, rule
+from fastmix.schema import rule
 
 SCALES = ("smoke", "demo", "paper")
 REGRESSORS = ("lightgbm", "linear")
-# synthesize_mixture.py's constants; the YAML repeats them with their sources
-GENERATOR_DEFAULTS = dict(temperature=0.5, min_strength=0.1, max_strength=5.0, n_strengths=15,
-                          max_usage=15.0, minimum=2e-4, sample_multiplier=100)
+
+
+GENERATOR_KEYS = ("temperature", "min_strength", "max_strength", "n_strengths", "max_usage", "minimum",
+                  "sample_multiplier")
 
 
 @dataclass
-class ScaledParams(MethodParams):
-    """The keys RegMix, CLIMB and DeMix share: the scale preset in use (each method
-    types its presets `paper`, `demo`, `smoke`) and the Dirichlet generator's
-    settings (synthesize_mixture.py's constants; DeMix's sample.py has the same)."""
+class RegressorParams:
+    """The keys RegMix, CLIMB and DeMix share, as fields of each method's dataclass:
+    the scale preset in use (each method types its own presets `paper`, `demo`,
+    `smoke`), LightGBM's own parameters and the Dirichlet generator's settings
+    (synthesize_mixture.py's constants; DeMix's sample.py has the same)."""
     scale: str = rule(choices=SCALES)
+    lightgbm: Any = rule()  # LGBMRegressor's own parameters
     temperature: float = rule(gt=0)
     min_strength: float = rule(gt=0)
     max_strength: float = rule(gt=0)
@@ -35,38 +39,29 @@ class ScaledParams(MethodParams):
     minimum: float = rule(ge=0, lt=0.5)
     sample_multiplier: int = rule(ge=1)
 
+    def __post_init__(self):
+        if self.min_strength > self.max_strength:
+            raise UserError(f"optimizer.min_strength {self.min_strength} > max_strength {self.max_strength}.")
 
-def pick_preset(method: str, scale: str, presets: dict, required: tuple[str, ...]) -> dict:
-    """The scale-dependent counts of `conf/optimizer/<method>.yaml` for `scale`."""
-    if scale not in SCALES:
-        raise UserError(f"optimizer.scale (or top-level `scale`) is '{scale}'; use one of {list(SCALES)}.")
-    preset = presets.get(scale)
-    if not preset:
-        raise UserError(f"conf/optimizer/{method}.yaml has no '{scale}' preset; add `{scale}: {{...}}`.")
-    missing = [k for k in required if k not in preset]
-    if missing:
-        raise UserError(f"optimizer.{scale} misses {missing}; set them in conf/optimizer/{method}.yaml.")
-    return dict(preset)
+    @property
+    def preset(self) -> dict:
+        """The scale-dependent counts of `conf/optimizer/<method>.yaml` for `scale`."""
+        return dict(getattr(self, self.scale))
 
-
-_POS, _ONE = (lambda v: v > 0, "> 0"), (lambda v: v >= 1, ">= 1")
-_RULES = {"temperature": _POS, "min_strength": _POS, "max_strength": _POS, "n_strengths": _ONE,
-          "max_usage": _POS, "minimum": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "sample_multiplier": _ONE}
+    @property
+    def generator(self) -> dict:
+        """The generator's settings, as `dirichlet_mixtures` takes them."""
+        return {k: int(getattr(self, k)) if k in ("n_strengths", "sample_multiplier") else float(getattr(self, k))
+                for k in GENERATOR_KEYS}
 
 
-def check_generator(**g) -> dict:
-    """Validated generator settings (the YAML keys of the same names)."""
-    unknown = sorted(set(g) - set(_RULES))
-    if unknown:
-        raise UserError(f"unknown optimizer keys {unknown}; the generator takes {sorted(_RULES)}.")
-    g = {k: int(v) if k in ("n_strengths", "sample_multiplier") else float(v) for k, v in g.items()}
-    for key, (ok, what) in _RULES.items():
-        if not ok(g[key]):
-            raise UserError(f"optimizer.{key} is {g[key]}; it must be {what} "
-                            f"(published {GENERATOR_DEFAULTS[key]}).")
-    if g["min_strength"] > g["max_strength"]:
-        raise UserError(f"optimizer.min_strength {g['min_strength']} > max_strength {g['max_strength']}.")
-    return g
+@dataclass
+class EarlyStoppedParams(RegressorParams):
+    """RegMix's and CLIMB's regressor: LightGBM (or OLS) with early stopping on a
+    held-out share of the proxies."""
+    regressor: str = rule(choices=REGRESSORS)
+    early_stopping_rounds: int = rule(ge=0)  # 0 = every round
+    early_stopping_holdout: float = rule(ge=0, lt=1)
 
 
 def as_prior(prior, what: str = "prior") -> np.ndarray:
@@ -127,6 +122,78 @@ def dirichlet_mixtures(prior, n: int, rng: np.random.Generator, *, temperature=0
     raise UserError(f"the mixture generator found only {len(pool)} distinct mixtures of {n}: the cap rejects "
                     f"most draws (raise optimizer.max_usage, {max_usage}) or the rounding leaves too few "
                     f"distinct ones (lower optimizer.minimum, {minimum}).")
+
+
+# DeMix's generator (Lucius-lsr/DeMix iterative_sample/sample.py, generate_weights_dirichlet);
+# documented in baselines/demix.py, where it is used
+def cap_weights(x: np.ndarray, bound: np.ndarray, mode: str = "waterfill") -> np.ndarray:
+    """Every weight of each row (summing to 1) brought under its bound, the row still summing to 1.
+
+    `waterfill` (default): the weights over their bound are set to it and the others
+    scaled up to carry the rest of the mass; repeated until no weight is over (at most K
+    passes: a capped weight stays capped, the others only grow), so every cap holds.
+    `sequential`: sample.py's cap, one weight after the other: a weight over its bound
+    is set to it and the row scaled by 1 + over / (1 - x_j) first; an earlier weight
+    pushed over its bound by a later rescale is left so (as the code; on the embedded
+    corpus `dialogue` reached 0.659 against a 0.052 cap). Rows whose mass cannot go
+    anywhere (every uncapped weight 0) come back NaN."""
+    x = np.array(x, dtype=np.float64, copy=True)
+    if mode == "sequential":
+        for j in range(x.shape[1]):
+            over = x[:, j] - bound[j]
+            rows = over > 0
+            if rows.any():
+                other = 1.0 - x[rows, j]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    factor = np.where(other > 0, 1.0 + over[rows] / other, np.nan)
+                x[rows] *= factor[:, None]
+                x[rows, j] = np.where(np.isnan(factor), np.nan, bound[j])
+        return x
+    if mode != "waterfill":
+        raise UserError(f"optimizer.cap_mode '{mode}' is unknown: use waterfill or sequential.")
+    capped = np.zeros(x.shape, dtype=bool)
+    for _ in range(x.shape[1] + 1):  # each pass caps >= 1 more weight of a row still over
+        over = (x > bound) & ~capped
+        rows = over.any(axis=1)
+        if not rows.any():
+            break
+        capped[rows] |= over[rows]
+        c, xr = capped[rows], x[rows]
+        left = 1.0 - (bound * c).sum(axis=1)  # mass the uncapped weights must carry
+        free = np.where(c, 0.0, xr).sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.where(free > 0, left / free, np.where(left > 1e-12, np.nan, 0.0))
+        x[rows] = np.where(np.isnan(scale)[:, None], np.nan, np.where(c, bound, xr * scale[:, None]))
+    return x
+
+
+def demix_mixtures(prior, n: int, rng: np.random.Generator, draws: int, *, temperature=0.7, min_strength=0.5,
+                   max_strength=5.0, n_strengths=15, max_usage=4.0, minimum=2e-4,
+                   cap_mode: str = "waterfill") -> np.ndarray:
+    """Up to n distinct mixtures [n, K] (rows sum to 1) out of `draws` generator draws,
+    picked at random (sample.py: fewer if deduplication leaves fewer, with a warning).
+    cap_mode waterfill: every weight <= min(max_usage x prior, 1) exactly, also after the
+    rounding (capped once more after it, which moves a weight off the grid by < minimum)."""
+    p = as_prior(prior)
+    bound = np.minimum(p * max_usage, 1.0)
+    alpha = p ** temperature if temperature < 1.0 else p  # sample.py tempers only below 1
+    alpha = alpha / alpha.sum()
+    s = strengths(min_strength, max_strength, n_strengths)
+    which = rng.integers(len(s), size=draws)
+    x = np.empty((draws, len(p)))
+    for i, strength in enumerate(s):
+        rows = which == i
+        x[rows] = rng.dirichlet(alpha * strength, size=int(rows.sum()))
+    x = cap_weights(x, bound, cap_mode)
+    x = x[np.all(np.isfinite(x), axis=1)]
+    x = finish_mixtures(x, minimum)
+    if minimum > 0:  # rows on the 2e-4 grid: exact dedup (sort_and_deduplicate's L1 < 1e-5)
+        _, keep = np.unique(np.rint(x / minimum).astype(np.int64), axis=0, return_index=True)
+        x = x[np.sort(keep)]
+    x = renormalise(x)
+    if cap_mode == "waterfill":  # rounding and renormalising can lift a capped weight past its cap
+        x = cap_weights(x, bound, cap_mode)
+    return x if len(x) <= n else x[rng.choice(len(x), size=n, replace=False)]
 
 
 def renormalise(x) -> np.ndarray:

@@ -33,19 +33,14 @@ the notebook on recorded runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from baselines.proxy_search import (
-    GENERATOR_DEFAULTS,
-    REGRESSORS,
+    EarlyStoppedParams,
     Regressor,
-    ScaledParams,
     as_prior,
-    check_generator,
     dirichlet_mixtures,
-    pick_preset,
     renormalise,
     spearman,
     top_k_mean,
@@ -64,40 +59,25 @@ class Preset:
     min_child_samples: int = rule(ge=1)
 
 
-class RegMix:
+@dataclass
+class RegMix(EarlyStoppedParams):
+    """Its fields are conf/optimizer/regmix.yaml's keys: types and allowed values
+    (the YAML has the values, each with its source)."""
     name = "regmix"
+    paper: Preset = rule()
+    demo: Preset = rule()
+    smoke: Preset = rule()
+    simulation: str = rule(choices=("generator", "notebook"))
 
-    @dataclass
-    class Params(ScaledParams):
-        """conf/optimizer/regmix.yaml: types and allowed values (the YAML has the values)."""
-        paper: Preset = rule()
-        demo: Preset = rule()
-        smoke: Preset = rule()
-        regressor: str = rule(choices=REGRESSORS)
-        lightgbm: Any = rule()  # LGBMRegressor's own parameters
-        early_stopping_rounds: int = rule(ge=0)
-        early_stopping_holdout: float = rule(ge=0, lt=1)
-        simulation: str = rule(choices=("generator", "notebook"))
-
-    def __init__(self, scale: str = "demo", paper: dict | None = None, demo: dict | None = None,
-                 smoke: dict | None = None, regressor: str = "lightgbm", lightgbm: dict | None = None,
-                 early_stopping_rounds: int = 3, early_stopping_holdout: float = 0.2,
-                 simulation: str = "generator", **generator):
-        preset = pick_preset("regmix", scale, {"paper": paper, "demo": demo, "smoke": smoke},
-                             ("n_proxies", "n_candidates", "top_k"))
+    def __post_init__(self):
+        super().__post_init__()
+        preset = self.preset
         self.n_proxies, self.n_candidates, self.top_k = (int(preset.pop(k)) for k in
                                                          ("n_proxies", "n_candidates", "top_k"))
-        if self.n_proxies < 2:
-            raise UserError(f"optimizer.{scale}.n_proxies is {self.n_proxies}; set it >= 2 (a regression).")
-        if not 1 <= self.top_k <= self.n_candidates:
-            raise UserError(f"optimizer.{scale}.top_k is {self.top_k}; set it in 1..{self.n_candidates}.")
-        if simulation not in ("generator", "notebook"):
-            raise UserError(f"optimizer.simulation is '{simulation}'; use generator or notebook.")
-        self.generator = check_generator(**{**GENERATOR_DEFAULTS, **generator})
-        self.lgbm_params = {**(lightgbm or {}), **preset}  # e.g. min_child_samples per scale
-        self.regressor, self.simulation = regressor, simulation
-        self.early_stopping_rounds, self.holdout = early_stopping_rounds, early_stopping_holdout
-        Regressor(regressor, holdout=early_stopping_holdout)  # bad values fail now, before any proxy
+        if self.top_k > self.n_candidates:
+            raise UserError(f"optimizer.{self.scale}.top_k is {self.top_k}; set it in 1..{self.n_candidates}.")
+        self.lgbm_params = {**(self.lightgbm or {}), **preset}  # e.g. min_child_samples per scale
+        self.holdout = self.early_stopping_holdout
 
     def planned_proxy_runs(self, n_sources: int) -> int:
         return self.n_proxies  # one proxy per generated mixture, whatever K

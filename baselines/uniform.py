@@ -1,13 +1,14 @@
 """Uniform mixture: w_k = 1/K. The no-search baseline of every paper in METHODS.md."""
 from __future__ import annotations
 
-from fastmix.schema import MethodParams
+from dataclasses import dataclass
+
 from fastmix.search.optimizer import SearchContext, SearchResult
 
 
-class Uniform:
+@dataclass
+class Uniform:  # nothing to set
     name = "uniform"
-    Params = MethodParams  # nothing to set
 
     def planned_proxy_runs(self, n_sources: int) -> int:
         return 0  # no search

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastmix.schema import BETAS, MethodParams, rule
+from fastmix.schema import BETAS, rule
 from fastmix.search.optimizer import SearchContext, SearchResult
 from fastmix.train import distributed
 from fastmix.train.fused_loss import head_gradient, head_gradient_dots
@@ -226,34 +226,23 @@ def _rows_ok(v) -> bool:
     return v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
 
 
+@dataclass
 class FastMix:
+    """Its fields are conf/optimizer/fastmix.yaml's keys: types and allowed values
+    (the YAML has the values, each with its source)."""
     name = "fastmix"
-
-    @dataclass
-    class Params(MethodParams):
-        """conf/optimizer/fastmix.yaml: types and allowed values (the YAML has the values)."""
-        outer_every: int = rule(ge=1)
-        lr: float = rule(gt=0)
-        betas: list[float] = rule(check=BETAS)
-        entropy_reg: float = rule(ge=0)
-        grad_params: str = rule(choices=("lm_head", "all"))
-        init: str = rule(choices=("uniform", "prior"))
-        val_batch: str = rule(choices=("fixed", "random"))  # public code's micro-batch // 8 rows | random windows
-        val_rows_per_group: Any = rule(check=(_rows_ok, "auto (the public code's micro-batch // 8) or an "
-                                                        "integer >= 1"))
-        val_batch_size: int = rule(ge=1)
-        scale_rule: str = rule(choices=("movement", "off"))
-        reference_outer_steps: int = rule(ge=1)
-
-    def __init__(self, outer_every: int = 20, lr: float = 0.01, betas=(0.9, 0.95), entropy_reg: float = 0.0,
-                 grad_params: str = "lm_head", init: str = "uniform", val_batch: str = "fixed",
-                 val_rows_per_group: int | str = "auto", val_batch_size: int = 16, scale_rule: str = "movement",
-                 reference_outer_steps: int = 1601):
-        # values checked against Params when the job starts (fastmix.schema.check_params)
-        self.outer_every, self.lr, self.betas, self.entropy_reg = outer_every, lr, betas, entropy_reg
-        self.grad_params, self.init, self.val_batch_size = grad_params, init, val_batch_size
-        self.val_batch, self.val_rows_per_group = val_batch, val_rows_per_group
-        self.scale_rule, self.reference_outer_steps = scale_rule, reference_outer_steps
+    outer_every: int = rule(ge=1)
+    lr: float = rule(gt=0)
+    betas: list[float] = rule(check=BETAS)
+    entropy_reg: float = rule(ge=0)
+    grad_params: str = rule(choices=("lm_head", "all"))
+    init: str = rule(choices=("uniform", "prior"))
+    val_batch: str = rule(choices=("fixed", "random"))  # public code's micro-batch // 8 rows | random windows
+    val_rows_per_group: Any = rule(check=(_rows_ok, "auto (the public code's micro-batch // 8) or an "
+                                                    "integer >= 1"))
+    val_batch_size: int = rule(ge=1)
+    scale_rule: str = rule(choices=("movement", "off"))
+    reference_outer_steps: int = rule(ge=1)
 
     def rows_per_group(self, proxy_cfg) -> int:
         """Objective rows per group and outer step: `auto` = the public code's

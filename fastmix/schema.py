@@ -110,9 +110,10 @@ class EvalSchema:
 class MethodParams:
     """What every objective's, optimizer's and executor's node holds
     (conf/objective/, conf/optimizer/, conf/executor/): the class to build and its
-    label. Each such class declares `Params`, this plus its own keys: their types
-    and allowed values, no defaults (the YAML holds the published values, each
-    with its source)."""
+    label. A method is a dataclass whose fields are its other keys; an objective or
+    executor declares `Params`, this plus its own keys. Either way the fields hold
+    types and allowed values, no defaults (the YAML holds the published values,
+    each with its source)."""
     _target_: str = rule()
     name: str = rule()
 
@@ -268,7 +269,15 @@ def check_params(node: DictConfig, prefix: str) -> type:
         cls = get_class(str(target))
     except Exception:  # noqa: BLE001 -- Hydra raises ImportError or ValueError, worded for developers
         raise _fail(f"{prefix}._target_", target, "a class that can be imported (module.Class)") from None
-    _check_fields(cls.Params, plain, prefix)  # every such class declares Params
+    if hasattr(cls, "Params"):  # an objective or executor: its Params dataclass lists its keys
+        _check_fields(cls.Params, plain, prefix)
+    elif is_dataclass(cls):  # a method: a dataclass whose fields are its parameters
+        _check_fields(MethodParams, OmegaConf.create({k: plain.get(k) for k in ("_target_", "name")}), prefix)
+        _check_fields(cls, OmegaConf.create({k: v for k, v in plain.items() if k not in ("_target_", "name")}),
+                      prefix)
+    else:
+        raise _fail(f"{prefix}._target_", target, "a class with a `Params` dataclass, or a dataclass method "
+                                                  "whose fields are its parameters")
     return cls
 
 

@@ -73,6 +73,19 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
+def method(name: str, **params):
+    """A method built as a job builds it, from conf/optimizer/<name>.yaml with `params`
+    replacing its keys (so every value is checked by the method's dataclass fields)."""
+    from omegaconf import open_dict
+
+    from fastmix.run.pipeline import build
+    node = compose([f"optimizer={name}"]).optimizer
+    with open_dict(node):  # a misspelt key gets in, for build to refuse it
+        for key, value in params.items():
+            node[key] = value
+    return build(node)
+
+
 # ---------------------------------------------------------------- a search context of known answers
 class ScriptedProxies:
     """`ctx.proxies` whose proxies are not trained: a job's record comes from

@@ -6,6 +6,7 @@ import types
 
 import numpy as np
 import pytest
+from conftest import method
 from test_regmix import OPT, SRC, build, calls, fake_ctx
 
 from baselines.climb import Climb, Standardised, select_candidates
@@ -35,7 +36,7 @@ def test_selection_draws_only_from_the_predicted_best_pool():
 
 
 def climb(rounds, top_k=1, **kw):
-    return Climb(scale="demo", demo={"rounds": rounds, "n_candidates": 5000, "output_top_k": top_k,
+    return method("climb", scale="demo", demo={"rounds": rounds, "n_candidates": 5000, "output_top_k": top_k,
                                      "min_child_samples": 2}, lightgbm=SHALLOW, **kw)
 
 

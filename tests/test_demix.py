@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose, run_cli, scripted_context
+from conftest import compose, method, run_cli, scripted_context
 
-from baselines.demix import DeMix, cap_weights, demix_mixtures, merge, merge_into
+from baselines.merging import merge, merge_into
+from baselines.proxy_search import cap_weights, demix_mixtures
 from fastmix.errors import UserError
 from fastmix.train.models import build_model, flop_params
 
@@ -179,7 +180,7 @@ def calls(ctx) -> list[tuple]:
 
 def test_search_narrows_towards_the_best_merge(tmp_path):
     ctx = fake_ctx(tmp_path)
-    opt = DeMix(scale="demo", demo={"n0": 64, "n_candidates": 5000, "pool_draws": 5000, "top_k": 40,
+    opt = method("demix", scale="demo", demo={"n0": 64, "n_candidates": 5000, "pool_draws": 5000, "top_k": 40,
                                     "component_fraction": 0.2, "rank_check": 5},
                 lightgbm={"n_estimators": 300, "learning_rate": 0.05, "min_child_samples": 5})
     with ctx.meter.stage("search"):
@@ -231,7 +232,7 @@ def test_rank_check_flags_a_merge_that_ranks_against_training(tmp_path, monkeypa
         value, model_dir = inner(job)
         return (-value if job.tag == "demix_check" else value), model_dir
     ctx.proxies.score = reversed_proxies
-    opt = DeMix(scale="smoke", smoke={"n0": 8, "n_candidates": 200, "pool_draws": 500, "top_k": 8,
+    opt = method("demix", scale="smoke", smoke={"n0": 8, "n_candidates": 200, "pool_draws": 500, "top_k": 8,
                                       "component_fraction": 0.5, "rank_check": 4}, component_lr_scale=0.3,
                 component_warmup_steps=0)
     with ctx.meter.stage("search"):
@@ -239,7 +240,7 @@ def test_rank_check_flags_a_merge_that_ranks_against_training(tmp_path, monkeypa
     check = res.info["proxy_check"]
     assert check["n"] == 4 and check["spearman"] < 0 and check["passed"] is False
     assert calls(ctx)[1][4:] == (500, {"lr": pytest.approx(0.003), "warmup_steps": 0})
-    off = DeMix(scale="smoke", smoke={"n0": 8, "n_candidates": 200, "pool_draws": 500, "top_k": 8,
+    off = method("demix", scale="smoke", smoke={"n0": 8, "n_candidates": 200, "pool_draws": 500, "top_k": 8,
                                       "component_fraction": 0.5, "rank_check": 0})
     ctx = fake_ctx(tmp_path / "off")
     with ctx.meter.stage("search"):
@@ -268,7 +269,7 @@ def test_suite_score_is_maximised(tmp_path, monkeypatch):
         ctx.corpus.tokenizer = "tok"
         return ctx
     ctx = suite_ctx(tmp_path)
-    opt = DeMix(scale="demo", score="suite", regressor="lightgbm",
+    opt = method("demix", scale="demo", score="suite", regressor="lightgbm",
                 lightgbm={"n_estimators": 300, "learning_rate": 0.05, "min_child_samples": 5},
                 demo={"n0": 64, "n_candidates": 5000, "pool_draws": 5000, "top_k": 40,
                       "component_fraction": 0.2, "rank_check": 0})
@@ -299,7 +300,8 @@ def test_ridge_below_32_and_presets():
     paper = built["paper"]
     assert paper.lgbm_params["n_estimators"] == 300 and paper.lgbm_params["learning_rate"] == 0.01
     assert paper.generator == dict(temperature=0.7, min_strength=0.5, max_strength=5.0, n_strengths=15,
-                                   max_usage=4.0, minimum=2e-4, sample_multiplier=100, cap_mode="waterfill")
+                                   max_usage=4.0, minimum=2e-4, sample_multiplier=100)
+    assert paper.cap_mode == "waterfill"
     assert paper.planned_proxy_runs(17) == 18 + 16 and paper.ridge_alpha == 0.5
     # the regime from a paper-scale proxy config: 5% of 1,049,624,576 tokens at 0.1 x 4e-4, 5 warmup steps
     proxy = compose(["proxy=regmix_1m"]).proxy
@@ -314,7 +316,7 @@ def preset(n0, top_k, n=100, **kw):
 @pytest.mark.parametrize("kw,key", [(preset(1, 5), "n0"), (preset(32, 8), "top_k"),
                                     (preset(8, 200), "top_k"), ({"base": "best"}, "base"), ({"regressor": "forest"}, "regressor"),
                                     ({"score": "acc"}, "score"), ({"component_tokens": 0}, "component_tokens"),
-                                    ({"temperatur": 1}, "unknown"), ({"cap_mode": "clip"}, "cap_mode"),
+                                    ({"temperatur": 1}, "temperatur"), ({"cap_mode": "clip"}, "cap_mode"),
                                     (preset(8, 8, component_fraction=0), "component_fraction"),
                                     (preset(8, 8, rank_check=1), "rank_check"),
                                     ({"component_lr_scale": 0}, "component_lr_scale"),
@@ -323,7 +325,7 @@ def preset(n0, top_k, n=100, **kw):
 def test_bad_options_are_refused(kw, key):
     args = {**preset(8, 8), **kw}
     with pytest.raises(UserError, match=key):
-        DeMix(scale="demo", **args)
+        method("demix", scale="demo", **args)
 
 
 def test_end_to_end(smoke_args, tiny_corpus, tmp_path):

@@ -242,12 +242,14 @@ def test_paper_preset_is_the_reference_shape():
     """proxy=regmix_1m is the public run: 16 x 32 micro-batches, 1,001 steps,
     so the rule picks the paper's T = 20 and lr 0.01 (1,601 outer steps)."""
     from conftest import compose
+
+    from fastmix.run.pipeline import build
     cfg = compose(["proxy=regmix_1m", "optimizer=fastmix"])
     assert (cfg.proxy.batch_size, cfg.proxy.grad_accum) == (16, 32)
-    fm = FastMix(**{k: v for k, v in cfg.optimizer.items() if k not in ("_target_", "name")})
+    fm = build(cfg.optimizer)
     assert fm.schedule(cfg.proxy) == (20, 0.01, 1601)
     demo = compose(["experiment=demo", "optimizer=fastmix"])
-    T, lr_z, n = FastMix().schedule(demo.proxy)
+    T, lr_z, n = build(demo.optimizer).schedule(demo.proxy)
     assert T == 1 and lr_z * n == pytest.approx(16.01)
 
 

@@ -9,10 +9,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import compose, run_cli, scripted_context
+from conftest import compose, method, run_cli, scripted_context
 
 from baselines.mirror_descent import mirror_descent, mixmin_grad, mixmin_loss
-from baselines.mixmin import MixMin, row_logliks, split_rows, stack_rows
+from baselines.mixmin import row_logliks, split_rows, stack_rows
 from fastmix.errors import UserError
 from fastmix.search.objective import Objective
 from fastmix.train.cost import CostMeter
@@ -307,7 +307,7 @@ def test_search_on_saved_proxies(tmp_path):
                            lambda job: (1.0, str(tmp_path / f"p{job.index}")), proxy={"precision": "bf16"})
     meter = ctx.meter
     with meter.stage("search"):
-        res = MixMin().search(ctx).validated(sources)
+        res = method("mixmin").search(ctx).validated(sources)
     assert [[(j.tag, j.weights, j.keep_model, j.tokens) for j in jobs] for jobs in ctx.proxies.calls] == [
         [("mixmin", {"x": 1.0, "y": 0.0, "z": 0.0}, True, None), ("mixmin", {"x": 0.0, "y": 1.0, "z": 0.0}, True, None),
          ("mixmin", {"x": 0.0, "y": 0.0, "z": 1.0}, True, None)]]

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import compose, scripted_context
+from conftest import compose, method, scripted_context
 
 from baselines.proxy_search import (
     Regressor,
@@ -16,7 +16,6 @@ from baselines.proxy_search import (
     temper,
     usage_bound,
 )
-from baselines.regmix import RegMix
 from baselines.regmix_replay import main
 from fastmix.errors import UserError
 from fastmix.run import pipeline
@@ -118,7 +117,7 @@ def test_search_finds_the_optimum_of_a_known_objective(tmp_path):
     dists = []
     for seed in range(3):
         ctx = fake_ctx(seed, tmp_path)
-        opt = RegMix(scale="demo", demo={"n_proxies": 256, "n_candidates": 5000, "top_k": 20,
+        opt = method("regmix", scale="demo", demo={"n_proxies": 256, "n_candidates": 5000, "top_k": 20,
                                          "min_child_samples": 3}, lightgbm=FAST_LGBM)
         res = opt.search(ctx).validated(SRC)
         dists.append(np.linalg.norm(np.array([res.weights[s] for s in SRC]) - OPT))
@@ -133,7 +132,8 @@ def test_search_finds_the_optimum_of_a_known_objective(tmp_path):
 
 def test_linear_option_runs_the_same_search(tmp_path):
     ctx = fake_ctx(0, tmp_path, objective=lambda w: -w["d"])  # best: as much d as the cap allows
-    res = RegMix(scale="smoke", smoke={"n_proxies": 16, "n_candidates": 2000, "top_k": 10},
+    res = method("regmix", scale="smoke", smoke={"n_proxies": 16, "n_candidates": 2000, "top_k": 10,
+                                                 "min_child_samples": 1},
                  regressor="linear").search(ctx).validated(SRC)
     assert res.info["regressor"]["regressor"] == "linear"
     assert res.weights["d"] > 0.9  # the cap is 15 x 0.1 = 1: d can take everything

@@ -84,7 +84,7 @@ def build(node: DictConfig, group: str = "optimizer", **extra):
         raise
     if group == "optimizer" and not isinstance(built, MixtureOptimizer):
         raise UserError(f"optimizer {params.get('_target_')} is not a mixture optimizer: it needs `name`, "
-                        f"`Params`, `search(ctx)` and `planned_proxy_runs(n)` (fastmix.search.optimizer.MixtureOptimizer).")
+                        f"`search(ctx)` and `planned_proxy_runs(n)` (fastmix.search.optimizer.MixtureOptimizer).")
     return built
 
 

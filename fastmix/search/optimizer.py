@@ -86,10 +86,10 @@ class SearchResult:
 @runtime_checkable
 class MixtureOptimizer(Protocol):
     """What every method is: fastmix.run.pipeline.build refuses an optimizer that is not."""
+    # A method is a dataclass whose fields are the YAML's keys, each with its type and
+    # allowed values (fastmix.schema.rule), checked before it is built
+    # (fastmix.schema.check_params); `name` is a class attribute, not a field.
     name: str
-    # the YAML's keys: a dataclass of fastmix.schema.MethodParams with each key's type
-    # and allowed values, checked before the method is built (fastmix.schema.check_params)
-    Params: type
 
     def search(self, ctx: SearchContext) -> SearchResult: ...
 
