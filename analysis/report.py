@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from analysis.plots import write_plots
 from analysis.tables import TableError, load_results, write_tables
 from fastmix import records
-from fastmix.cli import run_tool
+from fastmix.cli import print_sections, run_tool
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -121,10 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("sweep", type=Path)
     ap.add_argument("--paper", default=None, help="pretrain | posttrain: the papers' figures beside ours")
     ap.add_argument("--readme", type=Path, default=None, help="replace this file's results section")
-    def run(args):
-        for name, text in report(args.sweep, args.paper, args.readme).items():
-            print(f"## {name}\n\n{text}\n")
-    return run_tool(ap, run, argv)
+    return run_tool(ap, lambda args: print_sections(report(args.sweep, args.paper, args.readme)), argv)
 
 
 if __name__ == "__main__":

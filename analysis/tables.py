@@ -33,7 +33,7 @@ import yaml
 from scipy import stats
 
 from fastmix import records
-from fastmix.cli import run_tool
+from fastmix.cli import print_sections, run_tool
 from fastmix.errors import UserError
 
 REPORTED = Path(__file__).with_name("reported.yaml")
@@ -253,10 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("sweep", type=Path, help="a sweep folder (outputs/sweep/<name>) or any folder of run folders")
     ap.add_argument("--out", type=Path, default=None, help="where to write the tables (default <sweep>/tables)")
     ap.add_argument("--paper", default=None, help="print the papers' figures beside ours: pretrain | posttrain")
-    def run(args):
-        for name, text in write_tables(args.sweep, args.out, args.paper).items():
-            print(f"## {name}\n\n{text}\n")
-    return run_tool(ap, run, argv)
+    return run_tool(ap, lambda args: print_sections(write_tables(args.sweep, args.out, args.paper)), argv)
 
 
 if __name__ == "__main__":

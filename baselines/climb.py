@@ -45,6 +45,7 @@ import numpy as np
 
 from baselines.proxy_search import (
     EarlyStoppedParams,
+    LightGBMPreset,
     Regressor,
     dirichlet_mixtures,
     renormalise,
@@ -100,22 +101,17 @@ def _rounds_ok(rounds) -> bool:
 
 
 @dataclass
-class Preset:
+class Preset(LightGBMPreset):
     rounds: list[int] = rule(check=(_rounds_ok, "proxies per round, the first >= 2 (a predictor needs 2 runs), "
                                                 "e.g. [64, 32, 16]"))
     n_candidates: int = rule(ge=1)
     output_top_k: int = rule(ge=1)
-    min_child_samples: int = rule(ge=1)
 
 
 @dataclass
 class Climb(EarlyStoppedParams):
-    """Its fields are conf/optimizer/climb.yaml's keys: types and allowed values
-    (the YAML has the values, each with its source)."""
     name = "climb"
-    paper: Preset = rule()
-    demo: Preset = rule()
-    smoke: Preset = rule()
+    Preset = Preset
     explore_pool: float = rule(ge=1)  # 1 = keep the top n
     clustering: Any = rule()  # baselines.clustering.cluster_corpus's arguments and `enabled`
 

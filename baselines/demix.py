@@ -81,12 +81,8 @@ class Preset:
 
 @dataclass
 class DeMix(RegressorParams):
-    """Its fields are conf/optimizer/demix.yaml's keys: types and allowed values
-    (the YAML has the values, each with its source)."""
     name = "demix"
-    paper: Preset = rule()
-    demo: Preset = rule()
-    smoke: Preset = rule()
+    Preset = Preset
     score: str = rule(choices=("objective", "suite"))
     rounds: int = rule(ge=1)
     base: str = rule(choices=("natural", "uniform"))

@@ -189,8 +189,6 @@ class DoReMiHook:
 
 @dataclass
 class DoReMi:
-    """Its fields are conf/optimizer/doremi.yaml's keys: types and allowed values
-    (the YAML has the values, each with its source)."""
     name = "doremi"
     reference: str = rule(choices=("natural", "uniform"))
     eta: float = rule(gt=0)

@@ -108,8 +108,6 @@ def stack_rows(per_source: list[dict], group_weights: dict[str, float], pick: di
 
 @dataclass
 class MixMin:
-    """Its fields are conf/optimizer/mixmin.yaml's keys: types and allowed values
-    (the YAML has the values, each with its source)."""
     name = "mixmin"
     eta: float = rule(gt=0)
     step: str = rule(choices=STEPS)

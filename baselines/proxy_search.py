@@ -8,12 +8,12 @@ used first, in baselines/regmix.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from fastmix.errors import UserError
-from fastmix.schema import rule
+from fastmix.schema import check_fields, rule
 
 SCALES = ("smoke", "demo", "paper")
 REGRESSORS = ("lightgbm", "linear")
@@ -30,6 +30,10 @@ class RegressorParams:
     `smoke`), LightGBM's own parameters and the Dirichlet generator's settings
     (synthesize_mixture.py's constants; DeMix's sample.py has the same)."""
     scale: str = rule(choices=SCALES)
+    # the presets: counts per scale, typed by the method's own `Preset` dataclass
+    paper: Any = rule()
+    demo: Any = rule()
+    smoke: Any = rule()
     lightgbm: Any = rule()  # LGBMRegressor's own parameters
     temperature: float = rule(gt=0)
     min_strength: float = rule(gt=0)
@@ -38,6 +42,14 @@ class RegressorParams:
     max_usage: float = rule(gt=0)
     minimum: float = rule(ge=0, lt=0.5)
     sample_multiplier: int = rule(ge=1)
+
+    Preset: ClassVar[type]
+
+    @classmethod
+    def check_config(cls, node, prefix: str) -> None:
+        """Called by fastmix.schema.check_params: the presets against the method's `Preset`."""
+        for scale in SCALES:
+            check_fields(cls.Preset, node[scale], f"{prefix}.{scale}")
 
     def __post_init__(self):
         if self.min_strength > self.max_strength:
@@ -53,6 +65,13 @@ class RegressorParams:
         """The generator's settings, as `dirichlet_mixtures` takes them."""
         return {k: int(getattr(self, k)) if k in ("n_strengths", "sample_multiplier") else float(getattr(self, k))
                 for k in GENERATOR_KEYS}
+
+
+@dataclass
+class LightGBMPreset:
+    """What every RegMix and CLIMB preset holds: LightGBM's minimum runs per leaf,
+    which must shrink with the runs a scale trains."""
+    min_child_samples: int = rule(ge=1)
 
 
 @dataclass

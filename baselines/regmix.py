@@ -38,6 +38,7 @@ import numpy as np
 
 from baselines.proxy_search import (
     EarlyStoppedParams,
+    LightGBMPreset,
     Regressor,
     as_prior,
     dirichlet_mixtures,
@@ -52,21 +53,16 @@ from fastmix.search.proxies import ProxyJob
 
 
 @dataclass
-class Preset:
+class Preset(LightGBMPreset):
     n_proxies: int = rule(ge=2)  # a regression needs 2 runs
     n_candidates: int = rule(ge=1)
     top_k: int = rule(ge=1)
-    min_child_samples: int = rule(ge=1)
 
 
 @dataclass
 class RegMix(EarlyStoppedParams):
-    """Its fields are conf/optimizer/regmix.yaml's keys: types and allowed values
-    (the YAML has the values, each with its source)."""
     name = "regmix"
-    paper: Preset = rule()
-    demo: Preset = rule()
-    smoke: Preset = rule()
+    Preset = Preset
     simulation: str = rule(choices=("generator", "notebook"))
 
     def __post_init__(self):

@@ -23,6 +23,12 @@ def run_tool(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace]
     return 0
 
 
+def print_sections(sections: dict[str, str]) -> None:
+    """A tool's named tables (markdown) on stdout, each under a `## name` heading."""
+    for name, text in sections.items():
+        print(f"## {name}\n\n{text}\n")
+
+
 # every `python -m` entry point of the suite (besides `python run.py`)
 TOOLS = ("analysis.tables", "analysis.plots", "analysis.report", "analysis.oracle", "baselines.regmix_replay",
          "fastmix.run.export", "fastmix.data.embedded", "fastmix.data.embedded.build",

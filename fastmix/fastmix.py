@@ -28,16 +28,10 @@ checked against the public code (hrtan/fastmix, pretrain/train_fastmix_val.py):
     draws `val_batch_size` random windows instead.
 * Output: w after the last outer step; every outer step is traced.
 
-Movement budget (`scale_rule: movement`, ours, fixed from the paper's settings):
-with AdamW each outer step moves z by about its learning rate whatever the
-gradient's size, so lr x outer steps bounds how far w can go. The reference
-run (configs/pile.yaml: max_step 1001 x 32 accumulation = 32,032 micro-batches,
-T = 20) takes 1,601 outer steps at lr 0.01, a budget of ~16. A run of M planned
-micro-batches takes T = clamp(M // 1601, 1, outer_every) and, when that still
-gives fewer than 1,601 outer steps, lr_z = 0.01 x 1601 / (its outer steps):
-the paper's shape gets exactly T = 20 and lr 0.01; a CPU run gets an outer step
-every micro-batch and the same budget. Its extra outer steps are charged like
-any other. `scale_rule: off` uses outer_every and lr as given.
+Scale: `scale_rule: movement` (ours) picks T and lr_z from the run's length
+(`movement_schedule`); why, and what it does at CPU scale, is in
+docs/DECISIONS.md, "Movement budget". `scale_rule: off` uses outer_every and lr
+as given.
 
 Options beyond the paper, off by default: `grad_params: all` (inner products
 over every parameter instead of the LM head) and `init: prior` (z = log of the
@@ -214,7 +208,7 @@ class FastMixHook:
 
 def movement_schedule(micro_batches: int, outer_every: int, lr: float, reference_outer_steps: int
                       ) -> tuple[int, float, int]:
-    """The movement-budget scale rule (module docstring): (T, lr_z, outer steps) for
+    """The movement-budget scale rule (docs/DECISIONS.md): (T, lr_z, outer steps) for
     a run of `micro_batches` micro-batches. The hook runs before micro-batches T,
     2T, ... (never before the first), so a run takes (M - 1) // T outer steps."""
     T = min(outer_every, max(1, micro_batches // reference_outer_steps))
@@ -228,8 +222,6 @@ def _rows_ok(v) -> bool:
 
 @dataclass
 class FastMix:
-    """Its fields are conf/optimizer/fastmix.yaml's keys: types and allowed values
-    (the YAML has the values, each with its source)."""
     name = "fastmix"
     outer_every: int = rule(ge=1)
     lr: float = rule(gt=0)

@@ -174,7 +174,7 @@ def _fail(key: str, value, allowed: str) -> UserError:
     return UserError(f"{key}={value!r} is not allowed: {allowed}.")
 
 
-def _check_fields(schema_cls, node: DictConfig, prefix: str) -> None:
+def check_fields(schema_cls, node: DictConfig, prefix: str) -> None:
     """Types by OmegaConf, then each field's rule, recursively."""
     def name(k) -> str:
         return f"{prefix}.{k}" if prefix else str(k)
@@ -193,7 +193,7 @@ def _check_fields(schema_cls, node: DictConfig, prefix: str) -> None:
             raise UserError(f"{key} is not set: give it a value (`{key}=...`).")
         value = typed[f.name]
         if is_dataclass(hints[f.name]):
-            _check_fields(hints[f.name], typed[f.name], key)
+            check_fields(hints[f.name], typed[f.name], key)
             continue
         m = f.metadata
         if "choices" in m and value not in m["choices"]:
@@ -244,13 +244,13 @@ def check_device(name: str) -> None:
 
 def check(cfg: DictConfig) -> None:
     """Every covered value of a composed job config; raises `UserError` on the first bad one."""
-    _check_fields(TopSchema, OmegaConf.create({k: cfg.get(k) for k in ("seed", "threads", "device", "skip_done")
+    check_fields(TopSchema, OmegaConf.create({k: cfg.get(k) for k in ("seed", "threads", "device", "skip_done")
                                                if k in cfg}), "")
     check_device(str(cfg.device))
     for group in ("proxy", "train"):
-        _check_fields(RunSchema, cfg[group], group)
-    _check_fields(DataSchema, cfg.data, "data")
-    _check_fields(EvalSchema, cfg.eval, "eval")
+        check_fields(RunSchema, cfg[group], group)
+    check_fields(DataSchema, cfg.data, "data")
+    check_fields(EvalSchema, cfg.eval, "eval")
     check_params(cfg.objective, "objective")
     check_params(cfg.optimizer, "optimizer")
     check_params(cfg.executor, "executor")
@@ -270,11 +270,13 @@ def check_params(node: DictConfig, prefix: str) -> type:
     except Exception:  # noqa: BLE001 -- Hydra raises ImportError or ValueError, worded for developers
         raise _fail(f"{prefix}._target_", target, "a class that can be imported (module.Class)") from None
     if hasattr(cls, "Params"):  # an objective or executor: its Params dataclass lists its keys
-        _check_fields(cls.Params, plain, prefix)
+        check_fields(cls.Params, plain, prefix)
     elif is_dataclass(cls):  # a method: a dataclass whose fields are its parameters
-        _check_fields(MethodParams, OmegaConf.create({k: plain.get(k) for k in ("_target_", "name")}), prefix)
-        _check_fields(cls, OmegaConf.create({k: v for k, v in plain.items() if k not in ("_target_", "name")}),
-                      prefix)
+        check_fields(MethodParams, OmegaConf.create({k: plain.get(k) for k in ("_target_", "name")}), prefix)
+        check_fields(cls, OmegaConf.create({k: v for k, v in plain.items() if k not in ("_target_", "name")}),
+                     prefix)
+        if hasattr(cls, "check_config"):  # keys its fields leave untyped (RegMix's presets, say)
+            cls.check_config(plain, prefix)
     else:
         raise _fail(f"{prefix}._target_", target, "a class with a `Params` dataclass, or a dataclass method "
                                                   "whose fields are its parameters")

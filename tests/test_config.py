@@ -5,7 +5,7 @@ import pytest
 from conftest import compose
 from omegaconf import OmegaConf
 
-from fastmix.config import CONF_DIR
+from fastmix.config import CONF_DIR, REPO
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF_DIR / g).glob("*.yaml"))]
@@ -111,3 +111,24 @@ def test_decisions_index_is_current():
     spec.loader.exec_module(mod)
     assert mod.main(["--check"]) == 0
     assert "- [Data](#data): Documents are split by a hash of their text" in mod.DOC.read_text()
+
+
+def test_imports_run_down_the_layers():
+    """docs/DECISIONS.md, "Package layout": a module imports only from its own layer
+    or those below it (the foundations at fastmix/*.py are layer 0)."""
+    import ast
+    layers = {"fastmix.data": 1, "fastmix.train": 2, "fastmix.eval": 3, "fastmix.search": 4,
+              "fastmix.fastmix": 5, "baselines": 5, "fastmix.run": 6}
+
+    def layer(mod: str) -> int:
+        return next((v for k, v in sorted(layers.items(), key=lambda kv: -len(kv[0]))
+                     if mod == k or mod.startswith(k + ".")), 0)
+    up = []
+    for path in sorted([*(REPO / "fastmix").rglob("*.py"), *(REPO / "baselines").rglob("*.py")]):
+        mod = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"fastmix.{a.name}" for a in node.names if node.module == "fastmix"]
+                up += [f"{mod} imports {n}" for n in names if layer(n) > layer(mod)]
+    assert up == []
+    assert layer("fastmix.run.pipeline") == 6 and layer("fastmix.schema") == 0  # the table is read as meant
