@@ -118,9 +118,9 @@ class Climb(EarlyStoppedParams):
     def __post_init__(self):
         super().__post_init__()
         preset = self.preset
-        self.rounds = [int(n) for n in preset.pop("rounds")]
-        self.n_candidates = int(preset.pop("n_candidates"))
-        self.output_top_k = int(preset.pop("output_top_k"))
+        self.rounds = [int(n) for n in preset["rounds"]]
+        self.n_candidates = int(preset["n_candidates"])
+        self.output_top_k = int(preset["output_top_k"])
         need = max([int(round(self.explore_pool * n)) for n in self.rounds[1:]] or [1])
         if self.n_candidates < need:
             raise UserError(f"optimizer.{self.scale}.n_candidates is {self.n_candidates}; rounds {self.rounds} "
@@ -128,8 +128,6 @@ class Climb(EarlyStoppedParams):
         if self.output_top_k > self.n_candidates:
             raise UserError(f"optimizer.{self.scale}.output_top_k is {self.output_top_k}; set it in "
                             f"1..{self.n_candidates} (optimizer.<scale>.n_candidates).")
-        self.lgbm_params = {**(self.lightgbm or {}), **preset}
-        self.holdout = self.early_stopping_holdout
         self.clustering = dict(self.clustering or {})
         self.clustering_params = {k: v for k, v in self.clustering.items() if k != "enabled"}
 
@@ -151,8 +149,7 @@ class Climb(EarlyStoppedParams):
         return clustered
 
     def _fit(self, X, y, seed: int) -> Standardised:
-        reg = Regressor(self.regressor, self.lgbm_params, self.early_stopping_rounds, self.holdout, seed)
-        return Standardised(reg).fit(X, y)
+        return Standardised(self.new_regressor(seed)).fit(X, y)
 
     def _candidates(self, prior, rng, exclude: set) -> np.ndarray:
         gen = {**self.generator, "sample_multiplier": 1}  # x100 would be 100x the draws for nothing

@@ -82,6 +82,15 @@ class EarlyStoppedParams(RegressorParams):
     early_stopping_rounds: int = rule(ge=0)  # 0 = every round
     early_stopping_holdout: float = rule(ge=0, lt=1)
 
+    @property
+    def lgbm_params(self) -> dict:
+        """LGBMRegressor's parameters: the YAML's `lightgbm`, and the preset's minimum runs per leaf."""
+        return {**(self.lightgbm or {}), "min_child_samples": self.preset["min_child_samples"]}
+
+    def new_regressor(self, seed: int) -> Regressor:
+        return Regressor(self.regressor, self.lgbm_params, self.early_stopping_rounds, self.early_stopping_holdout,
+                         seed)
+
 
 def as_prior(prior, what: str = "prior") -> np.ndarray:
     p = np.asarray(prior, dtype=np.float64)

