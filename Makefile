@@ -9,7 +9,7 @@ CORPUS := data/embedded/manifest.json
 SFT    := data/embedded_sft/manifest.json
 ARGS   ?=
 
-.PHONY: setup run test test-slurm corpus bench demo oracle clean
+.PHONY: setup run test test-slurm corpus bench demo oracle oracle-landscape clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ demo: setup
 # plots and the README's oracle section
 oracle: setup
 	$(PY) run.py -m experiment=oracle $(ARGS)
+
+# train the two shipped landscapes (run once; their files ship in landscapes/): K = 3 over a
+# 1/10 grid with the 4x-budget check, then K = 5 over a space-filling design
+oracle-landscape: setup
+	$(PY) run.py -m experiment=oracle_landscape landscape=k3 $(ARGS)
+	$(PY) run.py -m experiment=oracle_landscape landscape=k5 $(ARGS)
 
 bench: setup
 	$(PY) bench/throughput.py

@@ -1,26 +1,28 @@
-"""Regret against the oracle: how far each method's mixture lands from the best one.
+"""Regret against the oracle's fitted landscape: how far each method's mixture lands
+from the best one, objective by objective (analysis/regret.py has the statistics).
 
-`python -m analysis.oracle OUT` reads a sweep that holds an `optimizer=oracle` job
-(experiment=oracle or oracle_smoke) and writes, into OUT/oracle/:
+`python -m analysis.oracle OUT [--landscape DIR] [--objective 'name=src:w,src:w']
+[--objective-text name=FILE]` reads a sweep's method jobs (experiment=oracle) and the
+landscape they are scored against (DIR; else the jobs' `oracle.landscape`; else
+OUT/oracle, where an optimizer=oracle job of the sweep wrote one), and writes into
+OUT/oracle/:
 
-* landscape.csv: every grid mixture (a column per source weight) and `loss`, the
-  objective on the test split of the target trained on it.
-* regret.csv: a row per method and seed: `regret` = the objective's test loss of
-  the target trained on the method's mixture minus the oracle's at the same seed
-  (the best grid mixture, trained again at that seed; the mean of its seeds for a
-  seed it was not trained at), `normalized_regret` = regret / uniform's regret at
-  that seed (0 = found the best, 1 = no better than uniform, > 1 = worse than not
-  searching), `search_device_hours`, then the mixture.
-* regret.md: per method, mean ± std over seeds, `≈` when the mean regret is at
-  most the measured noise floor (the seed-to-seed std of one mixture's target:
-  a method that close to the oracle found a mixture as good as the best, as far as
-  one more training seed could tell), the search cost (device-hours,
-  FLOPs, proxy runs, x FastMix); the noise floor and the landscape's range; the
-  landscape's best mixtures.
-* regret_vs_cost.png (log cost, Pareto front) and, for 3 sources, landscape.png:
-  a ternary map of the landscape with every method's mixtures marked.
+* regret.csv: a row per (objective, method, seed): `regret` (fitted loss at the
+  method's mixture minus the fitted optimum), `normalized_regret` (/ uniform's
+  regret: 0 = found the best, 1 = no better than uniform), `regret_fit_std` (over
+  the fit's bootstrap refits), the search cost, the weights, and for a job that
+  trained its target its `trained_loss` beside the `fitted_loss`;
+* regret.md: the leaderboard (tuning and held-out objectives apart), the
+  methods x objectives matrix, the objectives and their fitted optima, the fit's
+  error against the noise floor, the verification jobs, the budget check;
+* landscape.csv, fit.json, objectives.csv: the landscape's, copied when it lives elsewhere;
+* regret_vs_cost.png and landscape.png (a ternary map per objective for 3 sources,
+  the fitted optima's weights for more).
 
-Reads outputs/ only.
+`--objective` adds a weighting of the sources at analysis time (scored for the jobs
+that searched for it: same definition, whatever their config called it);
+`--objective-text` a text the landscape scored (registered in oracle.texts).
+Reads outputs/ and the landscape's files only.
 """
 from __future__ import annotations
 
@@ -41,197 +43,254 @@ import numpy as np
 import pandas as pd
 from hydra.experimental.callback import Callback
 
-from analysis.plots import NO_SEARCH_HOURS, pareto_front, save_figure
-from analysis.tables import (
-    COST_COLS,
-    TableError,
-    hours_label,
-    load_results,
-    mean_std_cell,
-    paired_within_noise,
-)
+from analysis.plots import NO_SEARCH_HOURS, save_figure
+from analysis.regret import Landscape, budget_stability, leaderboard, per_objective
+from analysis.tables import TableError, hours_label, load_results
+from baselines.oracle import noise_floor
+from baselines.oracle_suite import parse_weights
 from fastmix import records
 from fastmix.cli import run_tool
+from fastmix.errors import UserError
+from fastmix.search.objective import file_identity, weights_identity
 
-HOW = ("run one: python run.py -m experiment=oracle_smoke hydra.sweep.dir={root} (or experiment=oracle), "
-       "or add optimizer=oracle to this sweep")
-
-
-def oracle_info(df: pd.DataFrame, root: Path) -> dict:
-    """The landscape of the sweep's oracle job (any seed: they share one grid)."""
-    rows = df[df["method"] == "oracle"].sort_values("seed")
-    if rows.empty:
-        raise TableError(f"no oracle in {root}: regret needs the brute-force grid; " + HOW.format(root=root))
-    info = (records.read_json(Path(rows["dir"].iloc[0]) / "result.json").get("search_info") or {}).get("oracle")
-    if not info:
-        raise TableError(f"{rows['dir'].iloc[0]}/result.json has no oracle landscape (search_info.oracle): "
-                         f"it was written before the oracle recorded one; re-run it")
-    return info
+HOW = ("train one: python run.py -m experiment=oracle_landscape landscape=k3 (or your data with an "
+       "oracle.suite), or pass --landscape DIR (the shipped landscapes/k3, landscapes/k5)")
 
 
-def landscape(info: dict) -> pd.DataFrame:
-    return pd.DataFrame([{**g["weights"], "loss": g["loss"]} for g in info["grid"]])
+def find_landscape(df: pd.DataFrame, root: Path, given: Path | None) -> Path:
+    """The landscape folder: `given`, else the jobs' oracle.landscape, else the sweep's oracle/."""
+    candidates = [given] if given else []
+    for d in df["dir"]:
+        conf = (records.read_json(Path(d) / "result.json").get("config") or {}).get("oracle") or {}
+        if conf.get("landscape"):
+            candidates.append(Path(conf["landscape"]))
+            break
+    candidates.append(root / "oracle")
+    for c in candidates:
+        if (Path(c) / "fit.json").exists():
+            return Path(c)
+    raise TableError(f"no landscape for {root} (looked in {', '.join(map(str, candidates))}): regret needs "
+                     f"the fitted landscape; " + HOW)
 
 
-def regret_rows(df: pd.DataFrame, info: dict) -> pd.DataFrame:
-    """A row per job: regret and normalised regret, paired by seed with the oracle's
-    and uniform's runs at that seed."""
-    def at(by_seed: dict, seed) -> float:
-        return by_seed.get(str(seed), float(np.mean(list(by_seed.values()))))
-    best, uni = info["best_loss_by_seed"], info["uniform_loss_by_seed"]
-    out = df[["method", "seed", "objective_loss", "search_hours", "search_flops", "proxy_runs",
-              *[c for c in df.columns if c.startswith("weight:")]]].copy()
-    out["regret"] = [loss - at(best, s) for loss, s in zip(out["objective_loss"], out["seed"])]
-    denom = np.array([at(uni, s) - at(best, s) for s in out["seed"]])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out["normalized_regret"] = np.where(denom > 0, out["regret"] / denom, np.nan)
-    return out
+def objectives(fit: dict, land: pd.DataFrame, added: list[str], texts: list[str]) -> pd.DataFrame:
+    """The suite's objectives and any added at analysis time: name, role, id, columns, floor."""
+    rows = [{k: e[k] for k in ("name", "role", "id", "definition", "columns")} | {"floor": e["noise_floor"]["std"]}
+            for e in fit["suite"]]
+    text_ids = {n: t["id"] for n, t in fit["texts"].items()}
+    for spec in added:
+        name, _, body = spec.partition("=")
+        w = parse_weights(body, fit["sources"])
+        rows.append({"name": name, "role": "added", "id": weights_identity(w), "definition": body,
+                     "columns": {f"loss:{s}": v for s, v in w.items()}})
+    for spec in texts:
+        name, _, path = spec.partition("=")
+        ident = file_identity(Path(path))
+        match = [n for n, t in text_ids.items() if t == ident]
+        if not match:
+            raise UserError(f"--objective-text {path}: the landscape did not score this text and keeps no models "
+                            f"to score it now (oracle.keep_models is not built yet): register it in oracle.texts "
+                            f"and train the landscape again.")
+        rows.append({"name": name, "role": "added", "id": ident, "definition": f"text {path}",
+                     "columns": {f"loss:{match[0]}": 1.0}})
+    base = land[land["tokens"] == land["tokens"].min()]
+    for r in rows:
+        r.setdefault("floor", None)
+        if r["floor"] is None:
+            r["floor"] = noise_floor(base, r["columns"])["std"]
+    out = pd.DataFrame(rows).drop_duplicates("id", keep="first")
+    return out[out["role"] != "job"] if (out["role"] != "job").any() else out
 
 
-def regret_table(rows: pd.DataFrame, noise_floor: float | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(numbers, strings): per method the mean and std over seeds, best first.
-    `within_noise`: mean regret <= the noise floor. A paired t-interval over 3 seeds
-    (t = 4.30) cannot separate even uniform from the oracle (measured: 0.153 ± 0.069
-    counts as 0), so the measured floor is the yardstick; without one, the paired test."""
-    g = rows.groupby("method", sort=False)
-    cols = ["regret", "normalized_regret", "objective_loss"] + COST_COLS
-    s = g[cols].mean().join(g[cols].std(ddof=1).add_suffix(" std"))
-    s["seeds"] = g.size()
-    if noise_floor:
-        s["within_noise"] = s["regret"] <= noise_floor
-    else:
-        s["within_noise"] = [paired_within_noise(rows.loc[rows["method"] == m].set_index("seed")["regret"])
-                             for m in s.index]
-    ref = s["search_hours"].get("fastmix")
-    s["x_fastmix"] = s["search_hours"] / ref if ref else np.nan
-    s = s.sort_values("regret", kind="stable")
-    t = pd.DataFrame(index=s.index)
-    t["Regret"] = [("≈ " if near else "") + mean_std_cell(m, v, ".3f", " ± ")
-                   for m, v, near in zip(s["regret"], s["regret std"], s["within_noise"])]
-    t["Normalised regret"] = [mean_std_cell(m, v, ".2f", " ± ") for m, v in zip(s["normalized_regret"],
-                                                                         s["normalized_regret std"])]
-    t["Objective loss (test)"] = [mean_std_cell(m, v, ".3f", " ± ") for m, v in zip(s["objective_loss"],
-                                                                             s["objective_loss std"])]
-    t["Search device-hours"] = [mean_std_cell(m, v, ".3g", " ± ") for m, v in zip(s["search_hours"], s["search_hours std"])]
-    t["FLOPs"] = [f"{f:.2e}" for f in s["search_flops"]]
-    t["Proxy runs"] = [f"{p:g}" for p in s["proxy_runs"]]
-    t["x FastMix"] = ["-" if pd.isna(x) else f"{x:.3g}" for x in s["x_fastmix"]]
-    t["Seeds"] = s["seeds"].astype(int)
-    t.index.name = "Method"
-    return s, t
+def regret_rows(df: pd.DataFrame, L: Landscape, objs: pd.DataFrame) -> pd.DataFrame:
+    """A row per job whose objective is one of `objs` (matched by definition)."""
+    by_id = objs.set_index("id")
+    uniform = np.full((1, len(L.sources)), 1.0 / len(L.sources))
+    out = []
+    for _, r in df[df["objective_id"].isin(by_id.index)].iterrows():
+        e = by_id.loc[r["objective_id"]]
+        W = np.array([[r.get(f"weight:{s}", 0.0) for s in L.sources]], float)
+        regret, boot = L.regret(e["columns"], W)
+        uni = L.regret(e["columns"], uniform)[0][0]
+        trained = r["objective_loss"] if r.get("scored_by") != "fitted landscape" else None
+        out.append({"objective": e["name"], "role": e["role"], "method": r["method"], "seed": r["seed"],
+                    "regret": float(regret[0]), "normalized_regret": float(regret[0] / uni) if uni > 1e-9 else np.nan,
+                    "regret_fit_std": float(np.std(boot[:, 0], ddof=1)) if len(boot) > 1 else np.nan,
+                    "boot": boot[:, 0] if len(boot) else None, "search_hours": r["search_hours"],
+                    "fitted_loss": float(L.loss(e["columns"], W)[0]), "trained_loss": trained,
+                    **{s: W[0, i] for i, s in enumerate(L.sources)}})
+    if not out:
+        raise TableError(f"no job searched for an objective of this landscape ({', '.join(objs['name'])}): "
+                         f"run experiment=oracle with its landscape, or add theirs with --objective")
+    return pd.DataFrame(out)
 
 
-def summary_text(info: dict, table: pd.DataFrame, land: pd.DataFrame, hours: str) -> str:
-    sources = info["sources"]
-    best = land.sort_values("loss").head(5)
-    lines = [table.rename(columns={"Search device-hours": f"Search {hours}"}).to_markdown(), "",
-             f"Oracle: {len(land)} grid mixtures (resolution 1/{info['resolution']}), best "
-             + ", ".join(f"{s}={info['best'][s]:.2f}" for s in sources)
-             + f"; landscape range {info['range']:.3f}, noise floor {info['noise_floor'] or float('nan'):.3f} "
-             f"(std over seeds of the best grid mixture's and uniform's targets, averaged), so the range is "
-             f"{info['range'] / info['noise_floor'] if info['noise_floor'] else float('nan'):.1f}x the floor. "
-             + ("`≈`: mean regret at most the noise floor." if info["noise_floor"] else
-                "`≈`: regret within noise of 0 (paired by seed, 95% t-interval)."), "",
-             "Best grid mixtures:", "", best.to_markdown(index=False, floatfmt=".3f")]
-    return "\n".join(lines)
+def _cell(mean, half, fmt=".3f"):
+    return "-" if pd.isna(mean) else (f"{mean:{fmt}}" if pd.isna(half) else f"{mean:{fmt}} ± {half:{fmt}}")
 
 
-def regret_vs_cost(s: pd.DataFrame, hours: str, ax=None):
+def summary_text(fit: dict, objs: pd.DataFrame, per: pd.DataFrame, board: pd.DataFrame, rows: pd.DataFrame,
+                 budget: pd.DataFrame, hours: str, corpus_note: str) -> str:
+    L = Landscape(fit)
+    out = [corpus_note] if corpus_note else []
+    for role in [r for r in ("tuning", "held_out", "added") if r in set(board["role"])]:
+        b = board[board["role"] == role]
+        t = pd.DataFrame({"Method": b["method"], "Normalised regret (mean ± 95% CI over objectives)":
+                          [_cell(m, h, ".2f") for m, h in zip(b["normalized_regret"], b["ci"])],
+                          "Wins": b["wins"], "Ties (≈)": b["ties"], "Objectives": b["objectives"],
+                          f"Search {hours}": [f"{h:.3g}" for h in b["search_hours"]],
+                          "x FastMix": ["-" if pd.isna(x) else f"{x:.3g}" for x in b["x_fastmix"]]})
+        out += [f"**{role.replace('_', '-')} objectives** ({b['objectives'].max()}):", "",
+                t.to_markdown(index=False), ""]
+    m = per.pivot(index="method", columns="objective", values="normalized_regret")
+    near = per.pivot(index="method", columns="objective", values="within_noise")
+    cells = m.map(lambda v: "-" if pd.isna(v) else f"{v:.2f}")
+    cells = cells.where(~near.fillna(False).astype(bool), "≈ " + cells)
+    order = [o for o in objs["name"] if o in cells.columns]
+    out += ["Normalised regret per objective (`≈`: within noise of the optimum, an equivalence test):", "",
+            cells[order].to_markdown(), ""]
+    o = objs.copy()
+    o["fitted optimum"] = [", ".join(f"{s}={v:.2f}" for s, v in zip(L.sources, L.optimum(c)[0]) if v >= 0.005)
+                           for c in o["columns"]]
+    o["fitted loss"] = [f"{L.optimum(c)[1]:.3f}" for c in o["columns"]]
+    o["noise floor"] = [f"{f:.3f}" if f else "-" for f in o["floor"]]
+    out += ["Objectives (fitted optimum on the fit's fine grid):", "",
+            o[["name", "role", "definition", "fitted optimum", "fitted loss", "noise floor"]].to_markdown(index=False), ""]
+    cols = fit["columns"]
+    fl = fit["noise_floor"]
+    ft = pd.DataFrame({"column": list(cols), "form": [c["form"] for c in cols.values()],
+                       "LOO RMSE": [f"{c['loo_rmse']:.3f}" for c in cols.values()],
+                       "noise floor": [f"{fl[c]['std']:.3f}" if fl[c]["std"] else "-" for c in cols],
+                       "LOO / floor": [f"{cols[c]['loo_rmse'] / fl[c]['std']:.2f}" if fl[c]["std"] else "-" for c in cols]})
+    out += ["Fit per loss column (form chosen by leave-one-out error; the floor: pooled seed std of the "
+            f"{fl[next(iter(cols))]['mixtures']} mixtures trained at 2+ seeds):", "", ft.to_markdown(index=False), ""]
+    ver = rows[rows["trained_loss"].notna() & (rows["method"] != "oracle")]
+    if len(ver):
+        v = ver[["objective", "method", "seed", "trained_loss", "fitted_loss"]].copy()
+        v["|trained - fitted|"] = (v["trained_loss"] - v["fitted_loss"]).abs()
+        v["floor"] = [objs.set_index("name").loc[n, "floor"] for n in v["objective"]]
+        out += [f"Verification: {len(v)} jobs trained their target; median |trained - fitted| "
+                f"{v['|trained - fitted|'].median():.3f} against a median floor of {v['floor'].median():.3f}:", "",
+                v.to_markdown(index=False, floatfmt=".3f"), ""]
+    if len(budget):
+        out += [f"Budget check: {budget['mixtures'].iloc[0]} mixtures trained again at "
+                f"{fit.get('budget_factor', 4)}x the tokens; Spearman of their losses between budgets, per objective "
+                f"(median {budget['spearman'].median():.2f}):", "", budget.to_markdown(index=False, floatfmt=".2f"), ""]
+    return "\n".join(out)
+
+
+def regret_vs_cost(board: pd.DataFrame, hours: str, ax=None):
+    """Each method's mean normalised regret over every objective against its search cost."""
     ax = ax or plt.subplots(figsize=(6, 4))[1]
-    searched = s[(s["search_hours"] >= NO_SEARCH_HOURS) & (s.index != "oracle")]
-    for m, row in searched.iterrows():
-        ax.errorbar(row["search_hours"], row["regret"], yerr=row["regret std"] if row["seeds"] > 1 else None,
-                    fmt="o", capsize=3)
-        ax.annotate(m, (row["search_hours"], row["regret"]), textcoords="offset points", xytext=(5, 4))
-    for m, row in s[s["search_hours"] < NO_SEARCH_HOURS].iterrows():
-        ax.axhline(row["regret"], ls="--", lw=1, color="grey")
-        ax.annotate(f"{m} (no search)", (0.01, row["regret"]), xycoords=("axes fraction", "data"),
-                    textcoords="offset points", xytext=(0, 3), color="grey", fontsize=8)
-    if "oracle" in s.index:  # its cost is the brute force: the far right of the axis
-        row = s.loc["oracle"]
-        ax.plot(row["search_hours"], row["regret"], "k*", ms=10)
-        ax.annotate("oracle (brute force)", (row["search_hours"], row["regret"]), textcoords="offset points",
-                    xytext=(-60, 8), fontsize=8)
-    if len(searched):
-        front = pareto_front(searched["search_hours"], searched["regret"], higher=False)
-        ax.plot(searched.loc[front, "search_hours"], searched.loc[front, "regret"], "k-", lw=1, alpha=0.5)
+    g = board.groupby("method").agg(nr=("normalized_regret", "mean"), h=("search_hours", "mean"))
+    for m, row in g.iterrows():
+        if row["h"] < NO_SEARCH_HOURS:  # no search: a line across
+            ax.axhline(row["nr"], ls="--", lw=1, color="grey")
+            ax.annotate(f"{m} (no search)", (0.01, row["nr"]), xycoords=("axes fraction", "data"),
+                        textcoords="offset points", xytext=(0, 3), color="grey", fontsize=8)
+        else:
+            ax.plot(row["h"], row["nr"], "k*" if m == "oracle" else "o", ms=10 if m == "oracle" else 6)
+            ax.annotate(m, (row["h"], row["nr"]), textcoords="offset points", xytext=(5, 4))
+    if (g["h"] >= NO_SEARCH_HOURS).any():
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.axhline(0, color="black", lw=0.5)
     ax.set_xlabel(f"search cost ({hours}, log scale)")
-    ax.set_ylabel("regret: objective test loss - oracle's (lower is better)")
+    ax.set_ylabel("normalised regret, mean over objectives")
     return ax
 
 
-def ternary(land: pd.DataFrame, rows: pd.DataFrame, sources: list[str], ax=None):
-    """The landscape over the simplex of 3 sources (barycentric -> plane), every
-    method's mixtures marked (one marker per seed)."""
-    def xy(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return w[:, 1] + w[:, 2] / 2, w[:, 2] * math.sqrt(3) / 2
-    ax = ax or plt.subplots(figsize=(6, 5.5))[1]
-    x, y = xy(land[sources].to_numpy())
-    tc = ax.tricontourf(x, y, land["loss"], levels=14, cmap="viridis_r")
-    plt.colorbar(tc, ax=ax, label="objective test loss of the target")
-    ax.scatter(x, y, s=6, c="white", alpha=0.6)
-    b = land.loc[land["loss"].idxmin(), sources].to_numpy(float)[None]
-    ax.plot(*xy(b), "r*", ms=16, label="oracle (best grid)", clip_on=False, zorder=3)
-    markers = iter("osD^v<>ph8")
-    for m, grp in rows[rows["method"] != "oracle"].groupby("method", sort=True):
-        w = grp[[f"weight:{s}" for s in sources]].to_numpy(float)
-        ax.scatter(*xy(w), marker=next(markers, "o"), s=36, edgecolor="black", label=m, clip_on=False,
-                   zorder=4, alpha=0.85)
-    for (cx, cy, ha, dy), s in zip([(0, 0, "right", -12), (1, 0, "left", -12),
-                                    (0.5, math.sqrt(3) / 2, "center", 8)], sources):  # the corners
-        ax.annotate(s, (cx, cy), textcoords="offset points", xytext=(0, dy), ha=ha)
-    ax.plot([0, 1, 0.5, 0], [0, 0, math.sqrt(3) / 2, 0], "k-", lw=1)
-    ax.set_xlim(-0.12, 1.12)
-    ax.set_ylim(-0.1, 0.95)
-    ax.set_aspect("equal")
-    ax.axis("off")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=5, frameon=False)
-    return ax
+def _xy(w: np.ndarray):
+    return w[:, 1] + w[:, 2] / 2, w[:, 2] * math.sqrt(3) / 2
 
 
-def write_oracle(root: Path, out: Path | None = None) -> str:
-    """Write OUT/oracle/{landscape.csv, regret.csv, regret.md, regret_vs_cost.png,
-    landscape.png (3 sources)}; returns regret.md's text. Everything is computed
+def landscape_figure(L: Landscape, objs: pd.DataFrame, rows: pd.DataFrame):
+    """3 sources: per objective the fitted landscape on the simplex, its optimum (star) and
+    every method's mixtures; more: each objective's fitted optimum as stacked weights."""
+    n = len(objs)
+    if len(L.sources) != 3:
+        fig, ax = plt.subplots(figsize=(8, 0.4 * n + 1.5))
+        opt = np.array([L.optimum(c)[0] for c in objs["columns"]])
+        left = np.zeros(n)
+        for i, s in enumerate(L.sources):
+            ax.barh(objs["name"], opt[:, i], left=left, label=s)
+            left += opt[:, i]
+        ax.set_xlabel("fitted optimum's weights")
+        ax.legend(fontsize=7, ncol=len(L.sources), loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)
+        return fig
+    cols = min(3, n)
+    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4 * cols, 3.6 * math.ceil(n / cols)), squeeze=False)
+    x, y = _xy(L.grid)
+    methods = sorted(set(rows["method"]) - {"oracle"})
+    for ax, (_, o) in zip(axes.flat, objs.iterrows()):
+        ax.tricontourf(x, y, L.loss(o["columns"], L.grid), levels=14, cmap="viridis_r")
+        ax.plot(*_xy(L.optimum(o["columns"])[0][None]), "r*", ms=14, clip_on=False, zorder=3)
+        for m, marker in zip(methods, "osD^v<>ph8"):
+            w = rows[(rows["objective"] == o["name"]) & (rows["method"] == m)][L.sources].to_numpy(float)
+            if len(w):
+                ax.scatter(*_xy(w), marker=marker, s=22, edgecolor="black", label=m, clip_on=False, zorder=4)
+        ax.set_title(f"{o['name']} ({o['role']})", fontsize=9)
+        ax.plot([0, 1, 0.5, 0], [0, 0, math.sqrt(3) / 2, 0], "k-", lw=1)
+        ax.set_aspect("equal")
+        ax.axis("off")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), fontsize=7, loc="lower center", ncol=8, frameon=False)
+    fig.suptitle(f"fitted landscapes over {', '.join(L.sources)} (corners: first at left, second right, "
+                 f"third top); star: fitted optimum", fontsize=9)
+    return fig
+
+
+def write_oracle(root: Path, out: Path | None = None, landscape: Path | None = None,
+                 added: list[str] = (), texts: list[str] = ()) -> str:
+    """Write OUT/oracle/ (module docstring); returns regret.md's text. Everything is computed
     before anything is written."""
     root = Path(root)
     df = load_results(root)
-    info = oracle_info(df, root)
-    sources = info["sources"]
-    land = landscape(info)
-    missing = [c for c in (f"weight:{s}" for s in sources) if c not in df]
+    where = find_landscape(df, root, landscape)
+    fit = records.read_json(where / "fit.json")
+    land = pd.read_csv(where / "landscape.csv")
+    missing = [s for s in fit["sources"] if f"weight:{s}" not in df]
     if missing:
-        raise TableError(f"the jobs in {root} mix other sources than the oracle's {sources}: a sweep with an "
-                         f"oracle must keep data.sources fixed")
-    rows = regret_rows(df, info)
-    s, table = regret_table(rows, info["noise_floor"])
-    text = summary_text(info, table, land, hours_label(df))
-    csv = rows.rename(columns={"search_hours": "search_device_hours"})
-    csv = csv[["method", "seed", "regret", "normalized_regret", "search_device_hours",
-               *[f"weight:{x}" for x in sources], "objective_loss"]]
-    csv.columns = [c.split(":", 1)[-1] for c in csv.columns]
-    figures = {"regret_vs_cost": lambda ax: regret_vs_cost(s, hours_label(df), ax)}
-    if len(sources) == 3:
-        figures["landscape"] = lambda ax: ternary(land, rows, sources, ax)
+        raise TableError(f"the jobs in {root} mix other sources than the landscape's {fit['sources']}: "
+                         f"score them against a landscape of their sources")
+    L = Landscape(fit)
+    objs = objectives(fit, land, list(added), list(texts))
+    rows = regret_rows(df, L, objs)
+    per = per_objective(rows, dict(zip(objs["name"], objs["floor"])))
+    board = leaderboard(per)
+    budget = budget_stability(land, {e["name"]: e["columns"] for _, e in objs.iterrows()})
+    other = sorted({c for c in df.get("corpus", pd.Series(dtype=str)).dropna()} - {fit["corpus"]})
+    note = (f"Note: these jobs' corpus ({', '.join(other)}) is not the one the landscape was trained on "
+            f"({fit['corpus']}): the embedded corpus is built from this machine's packages, so the regrets "
+            f"below score these mixtures on another machine's landscape." if other else "")
+    hours = hours_label(df)
+    text = summary_text(fit, objs, per, board, rows, budget, hours, note)
+    csv = rows.drop(columns=["boot"]).rename(columns={"search_hours": "search_device_hours"})
     out = Path(out) if out else root / "oracle"
     out.mkdir(parents=True, exist_ok=True)
-    records.write_text_atomic(out / "landscape.csv", land[[*sources, "loss"]].to_csv(index=False))
+    if out.resolve() != where.resolve():
+        for f in ("landscape.csv", "fit.json", "objectives.csv"):
+            shutil.copyfile(where / f, out / f)
     records.write_text_atomic(out / "regret.csv", csv.to_csv(index=False))
     records.write_text_atomic(out / "regret.md", text + "\n")
-    for name, draw in figures.items():
-        fig, ax = plt.subplots(figsize=(7, 5))
-        draw(ax)
-        save_figure(fig, out / f"{name}.png")
+    fig, ax = plt.subplots(figsize=(7, 5))
+    regret_vs_cost(board, hours, ax)
+    save_figure(fig, out / "regret_vs_cost.png")
+    save_figure(landscape_figure(L, objs, rows), out / "landscape.png")
     return text
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweep", type=Path, help="a sweep folder holding an optimizer=oracle job")
+    ap.add_argument("sweep", type=Path, help="a sweep folder of method jobs (experiment=oracle)")
     ap.add_argument("--out", type=Path, default=None, help="where to write (default <sweep>/oracle)")
-    return run_tool(ap, lambda args: print(write_oracle(args.sweep, args.out)), argv)
+    ap.add_argument("--landscape", type=Path, default=None, help="the landscape folder (fit.json, landscape.csv)")
+    ap.add_argument("--objective", action="append", default=[], metavar="NAME=SRC:W,SRC:W",
+                    help="add an objective that weights the sources (repeatable)")
+    ap.add_argument("--objective-text", action="append", default=[], metavar="NAME=FILE",
+                    help="add an objective on a text the landscape scored (repeatable)")
+    return run_tool(ap, lambda a: print(write_oracle(a.sweep, a.out, a.landscape, a.objective, a.objective_text)),
+                    argv)
 
 
 

@@ -77,7 +77,9 @@ def result_row(p: Path) -> dict:
            "device": cost["device"], "search_hours": cost["device_hours"], "search_flops": cost["flops"],
            "proxy_runs": cost["proxy_runs"], "eval_average": r.get("eval_average"),
            "val_loss_average": r["val_loss_average"], "objective_loss": r["objective_loss"],
-           "eval_split": r.get("eval_split", "val")}  # rows from before test-split scoring say val
+           "eval_split": r.get("eval_split", "val"),  # rows from before test-split scoring say val
+           "objective_id": (r.get("objective") or {}).get("id"), "objective_name": (r.get("objective") or {}).get("name"),
+           "scored_by": r.get("scored_by", "trained target")}
     check = (r.get("search_info") or {}).get("proxy_check")
     if check:
         row.update({"check_spearman": check.get("spearman"), "check_passed": check.get("passed")})

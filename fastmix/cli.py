@@ -32,7 +32,7 @@ def print_sections(sections: dict[str, str]) -> None:
 # every `python -m` entry point of the suite (besides `python run.py`)
 TOOLS = ("analysis.tables", "analysis.plots", "analysis.report", "analysis.oracle", "baselines.regmix_replay",
          "fastmix.run.export", "fastmix.data.embedded", "fastmix.data.embedded.build",
-         "fastmix.data.embedded.sft")
+         "fastmix.data.embedded.sft", "fastmix.data.embedded.texts")
 # where a module's old command line went
 MOVED = {"baselines.regmix": "baselines.regmix_replay", "fastmix.export": "fastmix.run.export",
          "fastmix.corpus": "fastmix.data.embedded", "fastmix.corpus.build": "fastmix.data.embedded.build",

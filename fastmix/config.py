@@ -11,9 +11,12 @@ CONF_DIR = REPO / "conf"
 
 def register_resolvers() -> None:
     """`${repo:data/embedded}` -> an absolute path inside the checkout, whatever
-    the working directory (Hydra changes it per job)."""
+    the working directory (Hydra changes it per job); `${join:${oc.dict.keys:oracle.suite}}`
+    -> "a,b,c", a sweep's choices (experiment=oracle sweeps every objective of the suite)."""
     if not OmegaConf.has_resolver("repo"):
         OmegaConf.register_new_resolver("repo", lambda p="": str(REPO / p))
+    if not OmegaConf.has_resolver("join"):
+        OmegaConf.register_new_resolver("join", lambda items: ",".join(map(str, items)))
 
 
 def abspath(p) -> Path:

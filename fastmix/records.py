@@ -247,8 +247,8 @@ def mark_done(run_dir: Path, cfg) -> None:
 def summary(result: dict, run_dir: Path) -> str:
     """The few lines a job ends with (run.py logs them): what it found and what it cost."""
     w = ", ".join(f"{k}={v:.3f}" for k, v in result["weights"].items())
-    lines = [f"mixture ({result['optimizer']}): {w}",
-             f"objective {result['objective'].get('name', '?')}: test loss {result['objective_loss']:.4f}"]
+    lines = [f"mixture ({result['optimizer']}): {w}", f"objective {result['objective'].get('name', '?')}: "
+             + _loss(result)]
     scores = result.get("eval") or {}
     if scores and result.get("eval_average") is not None:
         best, worst = max(scores, key=scores.get), min(scores, key=scores.get)
@@ -280,7 +280,14 @@ def _cost(c: dict) -> str:
 def headline(result: dict) -> str:
     """A sweep summary's number for one job: the objective's test loss and the suite's average."""
     avg = result.get("eval_average")
-    return f"objective loss {result['objective_loss']:.4f}" + (f", suite {avg:.3f}" if avg is not None else "")
+    loss = result["objective_loss"]
+    head = "no target (scored by the fitted landscape)" if loss is None else f"objective loss {loss:.4f}"
+    return head + (f", suite {avg:.3f}" if avg is not None else "")
+
+
+def _loss(result: dict) -> str:
+    loss = result["objective_loss"]
+    return "no target (scored by the fitted landscape)" if loss is None else f"test loss {loss:.4f}"
 
 
 def versions() -> dict:

@@ -259,14 +259,14 @@ def check(cfg: DictConfig) -> None:
 def check_params(node: DictConfig, prefix: str) -> type:
     """The class a `_target_` node builds (an objective, an optimizer, an
     executor), after its values are checked against the class's `Params`."""
-    from hydra.utils import get_class
+    from hydra.utils import get_object
     try:
         plain = OmegaConf.create(OmegaConf.to_container(node, resolve=True))  # `${scale}` points at the root
     except OmegaConfBaseException as e:
         raise UserError(f"{prefix}: {str(e).splitlines()[0]}.") from None
     target = plain.get("_target_")
     try:
-        cls = get_class(str(target))
+        cls = get_object(str(target))  # a class, or a factory with `Params` (objective=suite)
     except Exception:  # noqa: BLE001 -- Hydra raises ImportError or ValueError, worded for developers
         raise _fail(f"{prefix}._target_", target, "a class that can be imported (module.Class)") from None
     if hasattr(cls, "Params"):  # an objective or executor: its Params dataclass lists its keys

@@ -10,7 +10,9 @@ from fastmix.config import CONF_DIR, REPO
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF_DIR / g).glob("*.yaml"))]
 REQUIRED = {("data", "folder"): ["data.root=/x"], ("data", "files"): ["data.files={a: /x}"],
-            ("objective", "text"): ["objective.path=/x"]}
+            ("objective", "text"): ["objective.path=/x"], ("objective", "suite"): ["landscape=k3", "objective.pick=code"],
+            ("experiment", "oracle"): ["landscape=k3", "objective.pick=code"],
+            ("experiment", "oracle_smoke"): ["objective.pick=code"]}
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -47,10 +49,11 @@ def test_every_objective_takes_its_keys_under_every_experiment(experiment, objec
     `experiment=smoke objective=text` stops with a TypeError."""
     import inspect
 
-    from hydra.utils import get_class
+    from hydra.utils import get_object
     cfg = compose([f"experiment={experiment}", f"objective={objective}", "++objective.path=/x"])
     keys = set(cfg.objective) - {"_target_"} - ({"path"} if objective != "text" else set())
-    params = inspect.signature(get_class(cfg.objective._target_).__init__).parameters
+    built = get_object(cfg.objective._target_)  # a class, or objective=suite's factory
+    params = inspect.signature(built.__init__ if isinstance(built, type) else built).parameters
     assert keys <= set(params), f"{cfg.objective._target_} does not take {sorted(keys - set(params))}"
 
 

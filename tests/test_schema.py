@@ -58,7 +58,11 @@ def test_bad_values_name_key_value_and_rule(override, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-EXPERIMENTS = ["smoke", "demo", "oracle", "oracle_smoke", "paper_pretrain", "paper_posttrain", "posttrain_demo"]
+EXPERIMENTS = ["smoke", "demo", "oracle", "oracle_smoke", "oracle_landscape", "paper_pretrain", "paper_posttrain",
+               "posttrain_demo"]
+# what a sweep sets per job (the landscape, the suite objective's name)
+JOB_KEYS = {"oracle": ["landscape=k3", "objective.pick=code_drama"], "oracle_smoke": ["objective.pick=equal"],
+            "oracle_landscape": ["landscape=k5"]}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -67,7 +71,7 @@ EXPERIMENTS = ["smoke", "demo", "oracle", "oracle_smoke", "paper_pretrain", "pap
 def test_shipped_configs_pass(experiment, group):
     """Every experiment with every eval and executor: a preset's keys are allowed
     whichever option is chosen."""
-    schema.check(compose([f"experiment={experiment}", *group]))
+    schema.check(compose([f"experiment={experiment}", *JOB_KEYS.get(experiment, []), *group]))
 
 
 @pytest.mark.parametrize("optimizer", ["fastmix", "regmix", "climb", "doremi", "mixmin", "demix", "natural",

@@ -165,16 +165,20 @@ def _evaluate(cfg: DictConfig, target, corpus: Corpus, objective, ev, suite: dic
     return {"val_loss": val_loss, "objective_loss": objective_loss, "scores": scores, "rescore": rescore}
 
 
-def _record(cfg: DictConfig, run_dir: Path, objective, result: SearchResult, meter: CostMeter, found: dict) -> dict:
+def _record(cfg: DictConfig, run_dir: Path, objective, result: SearchResult, meter: CostMeter, found: dict,
+            corpus: Corpus) -> dict:
     """result.json's row; rank 0 writes eval.json, cost.json, result.json and, last, DONE."""
     cost, scores, rescore, val_loss = meter.to_dict(), found["scores"], found["rescore"], found["val_loss"]
     row = {
         "optimizer": cfg.optimizer.name, "seed": cfg.seed, "data": cfg.data.name,
+        "corpus": corpus.root.name,  # the token cache's key: the sources' contents, tokenizer and splits
         "objective": objective.describe(), "proxy": cfg.proxy.name, "target": cfg.train.name,
         "weights": result.weights, "search_cost": cost["search"], "train_cost": cost["train"],
         "eval_cost": cost["eval"], "eval_suite": cfg.eval.name, "eval": scores["scores"],
         "eval_metrics": scores["metrics"], "eval_average": scores["average"], **rescore,
-        "eval_split": "test", "val_loss": val_loss, "val_loss_average": sum(val_loss.values()) / len(val_loss),
+        "eval_split": "test", "val_loss": val_loss,
+        "val_loss_average": sum(val_loss.values()) / len(val_loss) if val_loss else None,
+        "scored_by": "trained target" if val_loss else "fitted landscape",
         "objective_loss": found["objective_loss"], "search_info": result.info, "versions": records.versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -187,6 +191,19 @@ def _record(cfg: DictConfig, run_dir: Path, objective, result: SearchResult, met
         records.mark_done(run_dir, cfg)
     distributed.barrier()  # no rank reports the job done before DONE is written
     return row
+
+
+def trains_target(cfg: DictConfig) -> bool:
+    """Whether this job trains its target: always, unless `oracle.targets=fitted` (the
+    oracle suite's method jobs, scored by the fitted landscape), where only the
+    `oracle.verify` jobs ("<optimizer>/<seed>/<objective name>") do."""
+    oracle = cfg.get("oracle") or {}
+    if oracle.get("targets", "all") not in ("all", "fitted"):
+        raise UserError(f"oracle.targets={oracle.get('targets')!r} is unknown: use all (every job trains its "
+                        f"target) or fitted (the fitted landscape scores them; oracle.verify still train).")
+    if oracle.get("targets", "all") == "all":
+        return True
+    return f"{cfg.optimizer.name}/{cfg.seed}/{cfg.objective.get('pick', cfg.objective.name)}" in set(oracle.get("verify") or [])
 
 
 def run_job(cfg: DictConfig, run_dir: Path) -> dict:
@@ -208,6 +225,15 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
                                                       "sources": sources.sources, "info": result.info})
         records.write_jsonl(run_dir / "search_trace.jsonl", result.trace)
 
+    if not trains_target(cfg):  # experiment=oracle: the fitted landscape scores this mixture
+        log.info("no target: this job's mixture is scored by the fitted landscape (oracle.targets=fitted)")
+        empty = {"val_loss": {}, "objective_loss": None, "rescore": {},
+                 "scores": {"scores": {}, "metrics": {}, "average": None, "results": {}}}
+        for stage in ("train", "eval"):  # charged nothing: cost.json keeps its three stages
+            with meter.stage(stage):
+                pass
+        return _record(cfg, run_dir, objective, result, meter, empty, corpus)
+
     # 2. train the target model on the mixture (sources sampled by w)
     with meter.stage("train"):
         target, _ = train_on_mixture(sources, cfg.train, result.weights, run_dir, device, meter,
@@ -218,4 +244,4 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     # 3. evaluate, 4. record (rank 0 writes: the same numbers on every rank)
     with meter.stage("eval"):
         found = _evaluate(cfg, target, corpus, objective, ev, suite, device, meter, run_dir)
-    return _record(cfg, run_dir, objective, result, meter, found)
+    return _record(cfg, run_dir, objective, result, meter, found, corpus)

@@ -29,8 +29,11 @@ of windows. describe() (result.json's objective) records how.
 from __future__ import annotations
 
 import copy
+import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Dict, Optional
+from pathlib import Path
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -171,20 +174,47 @@ class Objective:
         return Batch(torch.cat(ids), torch.tensor(groups), torch.tensor(weights, dtype=torch.float32),
                      torch.cat(masks) if has_mask else None)
 
+    def identity(self) -> str:
+        """What the objective is, whatever its config calls it: two objectives with the
+        same identity are the same objective (every weighting of sources is named `val`
+        in its config; the oracle suite and the regret tables key objectives by this)."""
+        raise NotImplementedError
+
     def describe(self) -> dict:
-        return {"name": self.name, "weights": self.weights, "split": self.split}
+        return {"name": self.name, "id": self.identity(), "weights": self.weights, "split": self.split}
+
+
+def weights_identity(weights: Mapping[str, float]) -> str:
+    """A weighting of sources by its definition: `w:a=0.5,b=0.5` (renormalised, sorted,
+    zero weights left out, 4 significant digits)."""
+    total = sum(weights.values())
+    return "w:" + ",".join(f"{s}={v / total:.4g}" for s, v in sorted(weights.items()) if v > 0)
+
+
+def file_identity(path: Path, kind: str = "text") -> str:
+    """A file objective by its content: `text:<sha256 of its files' bytes, 12 hex>`, the
+    files in sorted order (a folder's .txt/.jsonl files); the path does not enter."""
+    h = hashlib.sha256()
+    for f in files_under(path):
+        h.update(Path(f).read_bytes())
+    return f"{kind}:{h.hexdigest()[:12]}"
 
 
 class ValidationObjective(Objective):
     @dataclass
     class Params(ObjectiveParams):
         weights: Optional[Dict[str, float]] = rule()  # source -> weight; null = every source equally
+        # the test windows: the eval's per-source ones (fastmix.run.pipeline.per_source_test_loss),
+        # so the objective's test loss is the weighted sum of the target's per-source losses
+        test_tokens_per_source: Optional[int] = rule(ge=1)
 
     def __init__(self, corpus: Corpus, name: str = "val", weights: dict[str, float] | None = None,
-                 max_tokens_per_source: int = 16384, batch_size: int = 16, split: str = "val"):
+                 max_tokens_per_source: int = 16384, batch_size: int = 16, split: str = "val",
+                 test_tokens_per_source: int | None = None):
         super().__init__(corpus, batch_size, split)
         positive_int("objective.max_tokens_per_source", max_tokens_per_source)
         self.name, self.max_tokens = name, max_tokens_per_source
+        self.test_tokens = test_tokens_per_source or max_tokens_per_source
         if weights:
             unknown = sorted(set(weights) - set(corpus.sources))
             if unknown:
@@ -200,9 +230,12 @@ class ValidationObjective(Objective):
             self.weights = {s: 1.0 / len(corpus.sources) for s in corpus.sources}
 
     def build_rows(self, context):
-        return {s: _windows_with_mask(self.corpus.tokens[s][self.split], self.corpus.mask(s, self.split),
-                                      context, self.max_tokens)
+        n = self.test_tokens if self.split == "test" else self.max_tokens
+        return {s: _windows_with_mask(self.corpus.tokens[s][self.split], self.corpus.mask(s, self.split), context, n)
                 for s, w in self.weights.items() if w > 0}
+
+    def identity(self) -> str:
+        return weights_identity(self.weights)
 
 
 def split_objective_documents(docs: list, lengths) -> dict[str, list[int]] | None:
@@ -245,11 +278,13 @@ class TextFileObjective(Objective):
     @dataclass
     class Params(ObjectiveParams):
         path: str = rule()  # a text file or folder: its documents split in two halves, val and test
+        test_tokens_per_source: Optional[int] = rule(ge=1)  # the test windows: the eval's, as the sources'
 
     def __init__(self, corpus: Corpus, path: str, name: str = "text", max_tokens_per_source: int = 65536,
-                 batch_size: int = 16, split: str = "val"):
+                 batch_size: int = 16, split: str = "val", test_tokens_per_source: int | None = None):
         super().__init__(corpus, batch_size, split)
         positive_int("objective.max_tokens_per_source", max_tokens_per_source)
+        self.test_tokens = test_tokens_per_source or max_tokens_per_source
         p = abspath(path)
         if not p.exists():
             raise UserError(f"objective.path {p} does not exist: give a .txt/.jsonl file or a folder of them.")
@@ -274,14 +309,21 @@ class TextFileObjective(Objective):
                                "tokens": {sp: int(len(t)) for sp, (t, _) in self.halves.items()}}
 
     def build_rows(self, context):
+        n = self.test_tokens if self.split == "test" else self.max_tokens
         if self.halves is not None:
             tokens, mask = self.halves[self.split]
-            return {self.name: _windows_with_mask(tokens, mask, context, self.max_tokens)}
-        # one document: windows for both splits (up to max_tokens_per_source each), in blocks;
-        # a text too short for two blocks gives every other window
-        ids, mask = _windows_with_mask(self.tokens, self.mask, context, 2 * self.max_tokens)
+            return {self.name: _windows_with_mask(tokens, mask, context, n)}
+        # one document: windows for both splits, in blocks, each split's first n tokens of
+        # them (the same test windows whatever the val cap); a text too short for two blocks
+        # gives every other window
+        ids, mask = _windows_with_mask(self.tokens, self.mask, context, 2 * max(self.max_tokens, self.test_tokens))
         block = BLOCK_WINDOWS if len(ids) >= 2 * BLOCK_WINDOWS else 1
-        return {self.name: (_blocks(ids, self.split, block), None if mask is None else _blocks(mask, self.split, block))}
+        rows = max(1, n // context)
+        return {self.name: (_blocks(ids, self.split, block)[:rows],
+                            None if mask is None else _blocks(mask, self.split, block)[:rows])}
+
+    def identity(self) -> str:
+        return file_identity(Path(self.path))
 
     def describe(self) -> dict:
         return {**super().describe(), "path": self.path, "val_test_split": self.split_info}
@@ -351,5 +393,80 @@ class QAObjective(Objective):
         return {self.name: (torch.tensor(np.stack(ids_list), dtype=torch.int64),
                             torch.tensor(np.stack(masks), dtype=torch.float32))}
 
+    def identity(self) -> str:
+        return f"qa:source={self.source}" if self.source else file_identity(Path(self.where), "qa")
+
     def describe(self) -> dict:
         return {**super().describe(), "pairs": len(self.pairs), "from": self.where}
+
+
+class LandscapeObjective(Objective):
+    """What the oracle scores every target of its landscape on: each source's loss on its
+    test windows (the eval's, fastmix.run.pipeline.per_source_test_loss) and each registered
+    external text's, one group each. `losses` gives them all: the landscape's `loss:<group>`
+    columns, from which any weighting of the sources, or a registered text, is read without
+    training again. The total (groups weighted equally) is not used."""
+
+    @dataclass
+    class Params(ObjectiveParams):
+        texts: Dict[str, str] = rule()  # name -> a text file or folder
+        test_tokens_per_source: int = rule(ge=1)
+
+    def __init__(self, corpus: Corpus, texts: Mapping[str, str] | None = None, test_tokens_per_source: int = 32768,
+                 max_tokens_per_source: int = 65536, batch_size: int = 16, split: str = "val",
+                 name: str = "landscape"):
+        super().__init__(corpus, batch_size, split)
+        texts = dict(texts or {})
+        clash = sorted(set(texts) & set(corpus.sources))
+        if clash:
+            raise UserError(f"oracle.texts {clash} are named like sources: a `loss:` column names one group; "
+                            f"rename the text(s).")
+        self.name = name
+        self.parts = [ValidationObjective(corpus, weights=None, max_tokens_per_source=test_tokens_per_source,
+                                          test_tokens_per_source=test_tokens_per_source, batch_size=batch_size)]
+        self.parts += [TextFileObjective(corpus, path, name=n, max_tokens_per_source=max_tokens_per_source,
+                                         batch_size=batch_size, test_tokens_per_source=test_tokens_per_source)
+                       for n, path in texts.items()]
+        groups = [*corpus.sources, *texts]
+        self.weights = {g: 1.0 / len(groups) for g in groups}
+        self.text_ids = {p.name: p.identity() for p in self.parts[1:]}
+
+    def build_rows(self, context):
+        rows = {}
+        for part in self.parts:  # each part cut on this objective's split
+            part.split = self.split
+            rows.update(part.build_rows(context))
+        return rows
+
+    def identity(self) -> str:
+        return "landscape:" + ",".join(sorted(self.weights))
+
+
+def suite_objective(corpus: Corpus, pick: str, suite: Mapping, texts: Mapping[str, str] | None = None,
+                    max_tokens_per_source: int = 16384, test_tokens_per_source: int | None = None,
+                    batch_size: int = 16, split: str = "val", name: str = "suite") -> Objective:
+    """`objective=suite objective.pick=<name>`: an objective of the oracle suite
+    (`oracle.suite`, conf/experiment/oracle.yaml) by its name there: a weighting of the
+    sources or a registered text (`oracle.texts`). The job then searches for that
+    objective; its name is the suite's, its identity its definition."""
+    if pick not in suite:
+        raise UserError(f"objective.pick '{pick}' is not in oracle.suite; the suite has {sorted(suite)}.")
+    d, texts = dict(suite[pick]), dict(texts or {})
+    common = dict(max_tokens_per_source=max_tokens_per_source, test_tokens_per_source=test_tokens_per_source,
+                  batch_size=batch_size, split=split)
+    if "text" in d:
+        if d["text"] not in texts:
+            raise UserError(f"oracle.suite.{pick}.text '{d['text']}' is not in oracle.texts ({sorted(texts)}).")
+        return TextFileObjective(corpus, texts[d["text"]], name=pick, **common)
+    return ValidationObjective(corpus, name=pick, weights=dict(d.get("weights") or {}), **common)
+
+
+@dataclass
+class _SuiteParams(ObjectiveParams):
+    pick: str = rule()  # a name in oracle.suite
+    suite: Dict[str, Dict[str, Any]] = rule()
+    texts: Dict[str, str] = rule()
+    test_tokens_per_source: Optional[int] = rule(ge=1)
+
+
+suite_objective.Params = _SuiteParams

@@ -51,6 +51,7 @@ class ProxyJob:
     keep_model: bool = False  # save the trained proxy to <out_dir>/model (MixMin, DeMix score them later)
     overrides: dict | None = None  # proxy-config keys replaced for this run (DeMix's components; the oracle's target)
     score: str = "val"  # the objective's split it is scored on (test: the oracle's grid of targets)
+    objective: dict | None = None  # an objective config to score on instead of the search's (the oracle's landscape)
     where: str | None = None  # another folder for the unit (shared between jobs: the oracle's grid)
     name: str | None = None  # the unit's folder name (default <tag>_<index>)
     index: int = 0
@@ -129,9 +130,10 @@ class ProxyUnit(Checkpointable):
         self.settings, self.threads = settings, threads
         self.corpus_root, self.objective_root = str(corpus_root), str(objective_root)
         self._loaded = None  # (corpus, objective), built on first use in the process that runs it
+        self._scorers: dict[str, object] = {}  # a job's own objective (ProxyJob.objective), by its fingerprint
 
     def __getstate__(self):
-        return {**self.__dict__, "_loaded": None}
+        return {**self.__dict__, "_loaded": None, "_scorers": {}}
 
     def setup(self, proxy: dict, job: ProxyJob) -> dict:
         """Everything that determines a unit's record, normalised as a job's config is."""
@@ -140,7 +142,7 @@ class ProxyUnit(Checkpointable):
             base = json.loads((Path(job.init_from).parent / "record.json").read_text()).get("fingerprint")
         s = self.settings
         return records.job_config({
-            "proxy": proxy, "data": s["data"], "objective": s["objective"], "device": s["device"],
+            "proxy": proxy, "data": s["data"], "objective": job.objective or s["objective"], "device": s["device"],
             "seed": job.seed, "tokens": job.tokens, "weights": dict(job.weights), "score_split": job.score,
             "init_from": job.init_from, "base": base, "corpus": Path(self.corpus_root).name})
 
@@ -152,6 +154,18 @@ class ProxyUnit(Checkpointable):
             objective = instantiate(OmegaConf.create(self.settings["objective"]), _partial_=True)(corpus=data)
             self._loaded = corpus, objective
         return self._loaded
+
+    def _objective(self, job: ProxyJob):
+        """The objective a job is scored on: the search's, or the job's own, built once per process."""
+        corpus, objective = self._load()
+        if not job.objective:
+            return objective
+        key = records.fingerprint(job.objective)
+        if key not in self._scorers:
+            data = corpus if self.objective_root == self.corpus_root else open_corpus(
+                Path(self.objective_root), tokenizer=corpus.tokenizer)
+            self._scorers[key] = instantiate(OmegaConf.create(job.objective), _partial_=True)(corpus=data)
+        return self._scorers[key]
 
     def __call__(self, job: ProxyJob) -> dict:
         with unit_lock(Path(job.out_dir)):
@@ -175,7 +189,7 @@ class ProxyUnit(Checkpointable):
             log.warning("%s: retraining, its record was made by another setup (%s)", out, why)
         if self.threads:
             set_threads(self.threads)
-        corpus, objective = self._load()
+        corpus, objective = self._load()[0], self._objective(job)
         device = resolve_device(self.settings["device"])
         meter = CostMeter(device)
         # a search's proxy reads train and val only, in a worker too; a test-split score is
@@ -220,11 +234,14 @@ class ProxyRunner:
         if executor.name == "inprocess":
             self.unit._loaded = corpus, objective  # already in memory
 
-    def landscape_key(self) -> str:
-        """The fingerprint of what a grid of targets measures: the data, the objective and
-        the target's settings (the oracle names its shared grid's folder by it)."""
+    def landscape_key(self, scored_on: dict) -> str:
+        """The fingerprint of what a grid of targets measures: the data, the target's
+        settings and what each target is scored on (`scored_on`: the landscape objective's
+        config, every source and registered text), not the search's objective: a sweep for
+        another objective reuses the grid (the oracle names its shared grid's folder by it)."""
         s = self.unit.settings
-        return records.fingerprint(records.job_config({k: s[k] for k in ("data", "objective", "train")}))
+        return records.fingerprint(records.job_config({"data": s["data"], "train": s["train"],
+                                                       "scored_on": scored_on}))
 
     def run(self, jobs: list[ProxyJob]) -> list[ProxyRecord]:
         """One unit per job, in order; each record's cost (finished earlier or just now,
