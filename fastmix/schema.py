@@ -152,6 +152,7 @@ class TopSchema:
     # a folder with DONE: skipped if DONE records the same config (same_config), or whatever it
     # records (always: the behaviour before configs were recorded); fastmix.records.check_done
     skip_done: str = rule(choices=SKIP_DONE, default="same_config")
+    proxy_dir: Optional[str] = rule(choices=(None, "sweep"), default=None)  # fastmix.run.pipeline.proxy_folder
 
 
 def run_config(cfg) -> DictConfig:
@@ -244,7 +245,7 @@ def check_device(name: str) -> None:
 
 def check(cfg: DictConfig) -> None:
     """Every covered value of a composed job config; raises `UserError` on the first bad one."""
-    check_fields(TopSchema, OmegaConf.create({k: cfg.get(k) for k in ("seed", "threads", "device", "skip_done")
+    check_fields(TopSchema, OmegaConf.create({k: cfg.get(k) for k in ("seed", "threads", "device", "skip_done", "proxy_dir")
                                                if k in cfg}), "")
     check_device(str(cfg.device))
     for group in ("proxy", "train"):

@@ -62,7 +62,7 @@ def test_suite_end_to_end(tiny_corpus, cache_dir, tmp_path):
     extra = [f"++oracle.texts={{notes: '{text}'}}", "++oracle.suite={techdocs: {weights: {techdocs: 1}, role: tuning}, "
              "code_drama: {weights: {code: 0.5, drama: 0.5}, role: held_out}, equal: {weights: {code: 1, "
              "techdocs: 1, drama: 1}, role: held_out}, notes: {text: notes, role: held_out}}"]
-    r = sweep(tiny_corpus, cache_dir, out, ["optimizer=oracle,uniform,natural", "seed=0", *extra])
+    r = sweep(tiny_corpus, cache_dir, out, ["optimizer=oracle,uniform,natural,regmix", "seed=0", *extra])
     assert r.returncode == 0, r.stderr[-3000:]
     land = pd.read_csv(out / "oracle" / "landscape.csv")
     assert {"loss:code", "loss:techdocs", "loss:drama", "loss:notes"} <= set(land.columns)
@@ -82,6 +82,16 @@ def test_suite_end_to_end(tiny_corpus, cache_dir, tmp_path):
     assert all(c["form"] in lf.FORMS and c["loo_rmse"] > 0 for c in fit["columns"].values())
     assert [e["name"] for e in fit["suite"]] == ["techdocs", "code_drama", "equal", "notes"]
     assert fit["suite"][3]["id"].startswith("text:") and fit["noise_floor"]["loss:code"]["seeds"] >= 2
+
+    # proxies reused across objectives: RegMix's prior-sampled proxies trained once for all four,
+    # each job charged the whole search, its objective read off the recorded losses
+    units = sorted((out / "proxies" / "regmix_seed0").glob("regmix_*/record.json"))
+    runs = {pick: job(out, "regmix", 0, pick) for pick in ("techdocs", "code_drama", "equal", "notes")}
+    assert len(units) == runs["equal"]["search_cost"]["proxy_runs"] > 0
+    assert len({r["search_cost"]["proxy_runs"] for r in runs.values()}) == 1
+    rec = json.loads(units[0].read_text())
+    assert set(rec["losses"]) == {"code", "techdocs", "drama", "notes"}
+    assert len({json.dumps(r["weights"]) for r in runs.values()}) > 1  # the objectives do differ
 
     # another objective in the same folder: no target of the landscape is retrained (only
     # the new objective's own check of its fitted optimum may be added)

@@ -88,6 +88,25 @@ def build(node: DictConfig, group: str = "optimizer", **extra):
     return built
 
 
+def proxy_folder(cfg: DictConfig, out_dir: Path) -> tuple[Path, dict | None]:
+    """(where a search's proxy units go, what they are scored on). `proxy_dir=sweep` in a
+    multirun: <sweep>/proxies/<optimizer>_seed<seed>, shared by the sweep's jobs of every
+    objective, each unit scored on every source's and registered text's val windows (the
+    objective's count of them) so any weighting of them is read off its record; else the
+    job's own search/proxies/, scored on the job's objective."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    if cfg.get("proxy_dir") != "sweep" or not (HydraConfig.initialized()
+                                              and HydraConfig.get().mode == RunMode.MULTIRUN):
+        return out_dir / "proxies", None
+    texts = {n: str(p) for n, p in ((cfg.get("oracle") or {}).get("texts") or {}).items()}
+    scoring = {"_target_": "fastmix.search.objective.LandscapeObjective", "texts": texts,
+               "max_tokens_per_source": cfg.objective.max_tokens_per_source,
+               "test_tokens_per_source": cfg.eval.test_tokens_per_source, "batch_size": cfg.objective.batch_size}
+    root = Path(HydraConfig.get().sweep.dir).absolute() / "proxies" / f"{cfg.optimizer.name}_seed{cfg.seed}"
+    return root, scoring
+
+
 def search_context(cfg: DictConfig, sources: Corpus, objective, meter: CostMeter, device, out_dir: Path,
                    identity: str | None = None, objective_root: Path | None = None) -> SearchContext:
     """The context a method searches in, built from the job's config: the only place
@@ -98,8 +117,9 @@ def search_context(cfg: DictConfig, sources: Corpus, objective, meter: CostMeter
     executor = (build(cfg.executor, "executor", folder=str(out_dir / "proxies" / "submitit"))
                 if distributed.world_size() == 1 else InProcess())
     proxy = schema.run_config(cfg.proxy)
+    folder, scoring = proxy_folder(cfg, out_dir)
     runner = ProxyRunner(sources, objective, meter, device, proxy, proxy_settings(cfg), executor,
-                         out_dir / "proxies", cfg.seed, cfg.progress, identity, objective_root=objective_root)
+                         folder, cfg.seed, cfg.progress, identity, objective_root=objective_root, scoring=scoring)
     return SearchContext(sources, objective, meter, cfg.seed, out_dir, runner, device, proxy,
                          schema.run_config(cfg.train), schema.eval_config(cfg.eval))
 

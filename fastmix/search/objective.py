@@ -403,7 +403,8 @@ class QAObjective(Objective):
 class LandscapeObjective(Objective):
     """What the oracle scores every target of its landscape on: each source's loss on its
     test windows (the eval's, fastmix.run.pipeline.per_source_test_loss) and each registered
-    external text's, one group each. `losses` gives them all: the landscape's `loss:<group>`
+    external text's, one group each (and, on the val split with the search objective's
+    windows, what a shared proxy is scored on: ProxyRunner.scoring). `losses` gives them all: the landscape's `loss:<group>`
     columns, from which any weighting of the sources, or a registered text, is read without
     training again. The total (groups weighted equally) is not used."""
 
@@ -422,7 +423,7 @@ class LandscapeObjective(Objective):
             raise UserError(f"oracle.texts {clash} are named like sources: a `loss:` column names one group; "
                             f"rename the text(s).")
         self.name = name
-        self.parts = [ValidationObjective(corpus, weights=None, max_tokens_per_source=test_tokens_per_source,
+        self.parts = [ValidationObjective(corpus, weights=None, max_tokens_per_source=max_tokens_per_source,
                                           test_tokens_per_source=test_tokens_per_source, batch_size=batch_size)]
         self.parts += [TextFileObjective(corpus, path, name=n, max_tokens_per_source=max_tokens_per_source,
                                          batch_size=batch_size, test_tokens_per_source=test_tokens_per_source)

@@ -32,6 +32,7 @@ from submitit.helpers import Checkpointable
 
 from fastmix import records
 from fastmix.data.corpus import Corpus, check_not_sealed, open_corpus, test_split_sealed
+from fastmix.errors import UserError
 from fastmix.train import distributed
 from fastmix.train.cost import Cost, CostMeter
 from fastmix.train.loop import resolve_device, set_threads, train_on_mixture
@@ -225,10 +226,15 @@ class ProxyRunner:
 
     def __init__(self, corpus: Corpus, objective, meter: CostMeter, device: torch.device, proxy, settings: dict,
                  executor, folder: Path, seed: int, progress: bool = True, identity: str | None = None,
-                 objective_root: Path | None = None):
+                 objective_root: Path | None = None, scoring: dict | None = None):
         self.corpus, self.objective, self.meter, self.device = corpus, objective, meter, device
         self.proxy, self.executor, self.folder, self.seed = proxy, executor, Path(folder), seed
         self.progress, self.identity = progress, identity
+        # shared proxies (proxy_dir=sweep): every unit is scored on every source's and registered
+        # text's val windows (`scoring`, a LandscapeObjective config), not on the search's
+        # objective, so jobs of other objectives reuse it; the objective is read off its losses
+        self.scoring = scoring
+        self._columns = self._objective_columns() if scoring else None
         self.unit = ProxyUnit(settings, str(corpus.root), str(objective_root or corpus.root),
                               getattr(executor, "threads", None))
         if executor.name == "inprocess":
@@ -243,9 +249,27 @@ class ProxyRunner:
         return records.fingerprint(records.job_config({"data": s["data"], "train": s["train"],
                                                        "scored_on": scored_on}))
 
+    def _objective_columns(self) -> dict[str, str]:
+        """The search objective's groups as the shared scoring's groups: a source is
+        itself; a text objective is the registered text with the same content."""
+        from fastmix.search.objective import TextFileObjective, file_identity
+        texts = {file_identity(Path(p)): n for n, p in (self.scoring.get("texts") or {}).items()}
+        out = {}
+        for g in self.objective.weights:
+            if g in self.objective.corpus.sources:  # the original sources (CLIMB searches clusters)
+                out[g] = g
+            elif isinstance(self.objective, TextFileObjective) and self.objective.identity() in texts:
+                out[g] = texts[self.objective.identity()]
+            else:
+                raise UserError(f"proxy_dir=sweep shares proxies across objectives, so each is scored on the "
+                                f"sources and registered texts (oracle.texts); objective group '{g}' is neither: "
+                                f"register its text in oracle.texts, or set proxy_dir=null.")
+        return out
+
     def run(self, jobs: list[ProxyJob]) -> list[ProxyRecord]:
         """One unit per job, in order; each record's cost (finished earlier or just now,
-        here or elsewhere) is charged to the open stage."""
+        here or elsewhere) is charged to the open stage: a reused record costs what it
+        cost, so a method's search cost is its standalone cost, wherever it was paid."""
         if not jobs:
             return []
         resolved = self.resolve(jobs)
@@ -254,6 +278,10 @@ class ProxyRunner:
             done = [ProxyRecord.from_dict(r) for r in self.executor.map(self.unit, resolved)]
         for r in done:
             self.meter.add(Cost.from_dict(r.cost))
+        if self._columns is not None:  # shared: this search's objective, read off every group's loss
+            for r, j in zip(done, resolved):
+                if j.objective is self.scoring:  # r.losses: every source's and text's, as recorded
+                    r.objective = sum(self.objective.weights[g] * r.losses[c] for g, c in self._columns.items())
         return done
 
     def resolve(self, jobs: list[ProxyJob]) -> list[ProxyJob]:
@@ -261,10 +289,19 @@ class ProxyRunner:
         weights and an absolute folder. A test-split score is refused during a search."""
         if any(j.score == "test" for j in jobs):
             check_not_sealed("its proxies' scores on the test split")  # only the oracle, which is not sealed
-        return [replace(j, index=i, seed=self.seed if j.seed is None else int(j.seed),
-                        weights={k: float(v) for k, v in j.weights.items()},
-                        out_dir=str((Path(j.where) if j.where else self.folder) / (j.name or f"{j.tag}_{i:04d}")))
-                for i, j in enumerate(jobs)]
+        out = []
+        for i, j in enumerate(jobs):
+            weights = {k: float(v) for k, v in j.weights.items()}
+            name = j.name or f"{j.tag}_{i:04d}"
+            if self.scoring and j.score == "val" and j.objective is None:
+                # shared: scored on every group, and named by its mixture too, so another
+                # objective's search that asks for other mixtures (CLIMB's later rounds) does
+                # not overwrite this one
+                j = replace(j, objective=self.scoring)
+                name = j.name or f"{j.tag}_{i:04d}_{records.fingerprint(weights)[:8]}"
+            out.append(replace(j, index=i, seed=self.seed if j.seed is None else int(j.seed), weights=weights,
+                               out_dir=str((Path(j.where) if j.where else self.folder) / name)))
+        return out
 
     def train(self, weights: Mapping[str, float], out_dir: Path, *, weighted: bool = False, hook=None,
               hook_every: int = 1, desc: str = "proxy"):
