@@ -240,6 +240,53 @@ def landscape_figure(L: Landscape, objs: pd.DataFrame, rows: pd.DataFrame):
     return fig
 
 
+def describe_landscape(where: Path) -> str:
+    """A landscape on its own (no method jobs): its targets, each objective's fitted optimum
+    against its best design mixture and its checks, the fit's error against the floor, the
+    budget check. `python -m analysis.oracle --landscape DIR`."""
+    where = Path(where)
+    if not (where / "fit.json").exists():
+        raise TableError(f"{where} holds no fit.json: " + HOW)
+    fit, land = records.read_json(where / "fit.json"), pd.read_csv(where / "landscape.csv")
+    L, objs = Landscape(fit), objectives(fit, land, [], [])
+    names = fit["sources"]
+    stages = land["stage"].value_counts()
+    rows = []
+    for _, o in objs.iterrows():
+        opt, best = L.optimum(o["columns"])
+        loss = sum(land[c] * a for c, a in o["columns"].items())
+        design = land[land["stage"] == "design"].assign(loss=loss)
+        top = design.loc[design["loss"].idxmin()]
+        label = "mix_" + "-".join(f"{round(v * 1000):d}" for v in np.round(opt, 3) / np.round(opt, 3).sum())
+        check = land[(land["stage"] == "check") & (land["mixture"] == label)].assign(loss=loss)
+        rows.append({"objective": o["name"], "role": o["role"], "definition": o["definition"],
+                     "fitted optimum": ", ".join(f"{s}={v:.2f}" for s, v in zip(names, opt) if v >= 0.005),
+                     "fitted": best, "trained there (seeds)": (f"{check['loss'].mean():.3f} ({len(check)})"
+                                                               if len(check) else "-"),
+                     "best design mixture": ", ".join(f"{s}={top[s]:.2f}" for s in names if top[s] >= 0.005),
+                     "its loss": top["loss"], "floor": o["floor"]})
+    t = pd.DataFrame(rows)
+    cols, fl = fit["columns"], fit["noise_floor"]
+    ft = pd.DataFrame({"column": list(cols), "form": [c["form"] for c in cols.values()],
+                       "LOO RMSE": [c["loo_rmse"] for c in cols.values()], "noise floor": [fl[c]["std"] for c in cols],
+                       **{f: [c["candidates"].get(f, np.nan) for c in cols.values()] for f in
+                          ("exp_linear", "scheffe_quadratic", "scheffe_cubic", "gp")}})
+    budget = budget_stability(land, {e["name"]: e["columns"] for _, e in objs.iterrows()})
+    hours = sum(records.read_json(p)["cost"]["device_hours"] for p in (where / "units").rglob("record.json")) \
+        if (where / "units").exists() else float("nan")
+    out = [f"{len(land)} targets over {', '.join(names)} (" + ", ".join(f"{k} {v}" for k, v in stages.items())
+           + f"), {hours:.2f} device-hours of training; corpus {fit['corpus']}.", "",
+           t.to_markdown(index=False, floatfmt=".3f"), "",
+           "Fit per loss column (LOO RMSE of every candidate form; the chosen one is the least):", "",
+           ft.to_markdown(index=False, floatfmt=".3f"), ""]
+    if len(budget):
+        out += [f"Budget check ({budget['mixtures'].iloc[0]} mixtures at {fit.get('budget_factor', 4)}x the target's "
+                f"tokens): median Spearman {budget['spearman'].median():.2f}; the best of them moves for "
+                f"{int(budget['optimum_moved'].sum())} of {len(budget)} objectives.", "",
+                budget.to_markdown(index=False, floatfmt=".2f"), ""]
+    return "\n".join(out)
+
+
 def write_oracle(root: Path, out: Path | None = None, landscape: Path | None = None,
                  added: list[str] = (), texts: list[str] = ()) -> str:
     """Write OUT/oracle/ (module docstring); returns regret.md's text. Everything is computed
@@ -282,30 +329,57 @@ def write_oracle(root: Path, out: Path | None = None, landscape: Path | None = N
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweep", type=Path, help="a sweep folder of method jobs (experiment=oracle)")
+    ap.add_argument("sweep", type=Path, nargs="?", help="a sweep folder of method jobs (experiment=oracle); "
+                    "left out with --landscape: describe the landscape alone")
     ap.add_argument("--out", type=Path, default=None, help="where to write (default <sweep>/oracle)")
     ap.add_argument("--landscape", type=Path, default=None, help="the landscape folder (fit.json, landscape.csv)")
     ap.add_argument("--objective", action="append", default=[], metavar="NAME=SRC:W,SRC:W",
                     help="add an objective that weights the sources (repeatable)")
     ap.add_argument("--objective-text", action="append", default=[], metavar="NAME=FILE",
                     help="add an objective on a text the landscape scored (repeatable)")
-    return run_tool(ap, lambda a: print(write_oracle(a.sweep, a.out, a.landscape, a.objective, a.objective_text)),
-                    argv)
+    ap.add_argument("--readme", type=Path, default=None,
+                    help="with --landscape alone: also write the description into this README's "
+                         "landscape:<folder name> section")
+
+    def go(a):
+        if a.sweep is None:
+            if a.landscape is None:
+                raise TableError("give a sweep folder, or --landscape DIR to describe a landscape")
+            text = describe_landscape(a.landscape)
+            if a.readme:
+                replace_section(a.readme, f"landscape:{a.landscape.name}",
+                                f"{a.landscape.name}: measured {time.strftime('%Y-%m-%d')}. " + text)
+            print(text)
+        else:
+            print(write_oracle(a.sweep, a.out, a.landscape, a.objective, a.objective_text))
+    return run_tool(ap, go, argv)
 
 
 
-O_START, O_END = "<!-- oracle:start -->", "<!-- oracle:end -->"
+def markers(name: str) -> tuple[str, str]:
+    """The README's markers of one landscape's leaderboard (`oracle:k3`) or description."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def replace_section(readme: Path, name: str, body: str) -> None:
+    start, end = markers(name)
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise TableError(f"{readme} has no {start} ... {end} markers: add them where these results go")
+    head, rest = text.split(start, 1)
+    records.write_text_atomic(readme, head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1])
 
 
 def readme_section(sweep: Path, text: str, readme: Path, command: str) -> str:
-    """The README's oracle section: stamp, regret table, the two figures (copied to docs/figures/)."""
+    """The README's leaderboard of one sweep: stamp, tables, the two figures (copied to docs/figures/)."""
     from analysis.report import machine, sweep_wall_hours
     df = load_results(sweep)
     wall = sweep_wall_hours(sweep)
     figures = readme.parent / "docs" / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    lines = [O_START, f"Measured {time.strftime('%Y-%m-%d')} on {machine()}; {len(df)} jobs "
-             f"({df['method'].nunique()} methods incl. the oracle x {df['seed'].nunique()} seeds)"
+    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {machine()}; {len(df)} jobs "
+             f"({df['method'].nunique()} methods x {df['seed'].nunique()} seeds x "
+             f"{df['objective_id'].nunique()} objectives)"
              + (f", {wall * 60:.0f} min of wall time" if wall else "") + f". Regenerate with `{command}`.", "",
              text, ""]
     for name in ("regret_vs_cost", "landscape"):
@@ -313,12 +387,13 @@ def readme_section(sweep: Path, text: str, readme: Path, command: str) -> str:
         if src.exists():
             shutil.copyfile(src, figures / f"{sweep.name}_{name}.png")
             lines += [f"![{name.replace('_', ' ')}]({os.path.relpath(figures / f'{sweep.name}_{name}.png', readme.parent)})", ""]
-    return "\n".join(lines + [O_END])
+    return "\n".join(lines)
 
 
 class OracleReport(Callback):
-    """Hydra callback (experiment=oracle): the regret tables and plots of the sweep once
-    every job returned, and, given `readme`, its oracle section rewritten."""
+    """Hydra callback (experiment=oracle): the leaderboard and plots of the sweep once every
+    job returned, and, given `readme`, its section for this landscape (`oracle:<landscape>`
+    markers) rewritten."""
 
     def __init__(self, readme: str | None = None, command: str = "make oracle"):
         self.readme, self.command = readme, command
@@ -328,15 +403,10 @@ class OracleReport(Callback):
         try:
             text = write_oracle(sweep)
             if self.readme:
-                readme = Path(self.readme).absolute()
-                body = readme.read_text()
-                if O_START not in body or O_END not in body:
-                    raise TableError(f"{readme} has no {O_START} ... {O_END} markers: add them where the "
-                                     f"oracle's results go")
-                head, rest = body.split(O_START, 1)
-                records.write_text_atomic(readme, head + readme_section(sweep, text, readme, self.command)
-                                          + rest.split(O_END, 1)[1])
-        except TableError as e:  # no oracle or no job finished: the summary already says what failed
+                land = config.hydra.runtime.choices.get("landscape") or "landscape"
+                replace_section(Path(self.readme).absolute(), f"oracle:{land}",
+                                readme_section(sweep, text, Path(self.readme).absolute(), self.command))
+        except TableError as e:  # no landscape or no job finished: the summary already says what failed
             print(f"oracle report: {e}", file=sys.stderr)
 
 

@@ -96,6 +96,7 @@ class ScriptedProxies:
     def __init__(self, score, folder: Path, seed: int):
         from fastmix.search.proxies import ProxyRunner
         self.score, self.folder, self.seed, self.calls = score, Path(folder), seed, []
+        self.scoring = None  # not shared (proxy_dir=null)
         self.resolve = lambda jobs: ProxyRunner.resolve(self, jobs)
 
     def run(self, jobs):
