@@ -114,7 +114,10 @@ def regret_rows(df: pd.DataFrame, L: Landscape, objs: pd.DataFrame) -> pd.DataFr
         uni = L.regret(e["columns"], uniform)[0][0]
         trained = r["objective_loss"] if r.get("scored_by") != "fitted landscape" else None
         out.append({"objective": e["name"], "role": e["role"], "method": r["method"], "seed": r["seed"],
-                    "regret": float(regret[0]), "normalized_regret": float(regret[0] / uni) if uni > 1e-9 else np.nan,
+                    # normalised only where uniform is measurably off the optimum: below the floor the
+                    # ratio divides by noise (docs/DECISIONS.md "Normalised regret")
+                    "regret": float(regret[0]),
+                    "normalized_regret": float(regret[0] / uni) if uni > (e["floor"] or 1e-9) else np.nan,
                     "regret_fit_std": float(np.std(boot[:, 0], ddof=1)) if len(boot) > 1 else np.nan,
                     "boot": boot[:, 0] if len(boot) else None, "search_hours": r["search_hours"],
                     "fitted_loss": float(L.loss(e["columns"], W)[0]), "trained_loss": trained,
@@ -143,11 +146,15 @@ def summary_text(fit: dict, objs: pd.DataFrame, per: pd.DataFrame, board: pd.Dat
         out += [f"**{role.replace('_', '-')} objectives** ({b['objectives'].max()}):", "",
                 t.to_markdown(index=False), ""]
     m = per.pivot(index="method", columns="objective", values="normalized_regret")
+    raw = per.pivot(index="method", columns="objective", values="regret")
     near = per.pivot(index="method", columns="objective", values="within_noise")
-    cells = m.map(lambda v: "-" if pd.isna(v) else f"{v:.2f}")
+    cells = m.combine(raw, lambda a, b: pd.Series([f"{x:.2f}" if pd.notna(x) else
+                                                   ("-" if pd.isna(y) else f"({y:+.3f})") for x, y in zip(a, b)],
+                                                  index=a.index))
     cells = cells.where(~near.fillna(False).astype(bool), "≈ " + cells)
     order = [o for o in objs["name"] if o in cells.columns]
-    out += ["Normalised regret per objective (`≈`: within noise of the optimum, an equivalence test):", "",
+    out += ["Normalised regret per objective (`≈`: within noise of the optimum, an equivalence test; "
+            "in parentheses the raw regret where uniform's own is below the noise floor, so no ratio is drawn):", "",
             cells[order].to_markdown(), ""]
     o = objs.copy()
     o["fitted optimum"] = [", ".join(f"{s}={v:.2f}" for s, v in zip(L.sources, L.optimum(c)[0]) if v >= 0.005)
