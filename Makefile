@@ -7,6 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CORPUS := data/embedded/manifest.json
 SFT    := data/embedded_sft/manifest.json
+TEXTS  := data/embedded_texts/manifest.json
 ARGS   ?=
 
 .PHONY: setup run test test-slurm corpus bench demo oracle oracle-landscape clean
@@ -25,9 +26,14 @@ $(CORPUS): $(STAMP) $(wildcard fastmix/data/embedded/*.py) fastmix/data/embedded
 $(SFT): $(CORPUS) fastmix/data/embedded/sft.py
 	$(PY) -m fastmix.data.embedded.sft --embedded data/embedded --out data/embedded_sft
 
-corpus: $(CORPUS) $(SFT)
+# external objective texts (package READMEs and licenses), none of the sources: the oracle
+# suites' text objectives (conf/landscape/*.yaml)
+$(TEXTS): $(STAMP) fastmix/data/embedded/texts.py
+	$(PY) -m fastmix.data.embedded.texts --out data/embedded_texts
 
-setup: $(STAMP) $(CORPUS) $(SFT)
+corpus: $(CORPUS) $(SFT) $(TEXTS)
+
+setup: $(STAMP) $(CORPUS) $(SFT) $(TEXTS)
 
 run: setup
 	$(PY) run.py $(ARGS)

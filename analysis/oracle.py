@@ -277,7 +277,7 @@ def describe_landscape(where: Path) -> str:
     ft = pd.DataFrame({"column": list(cols), "form": [c["form"] for c in cols.values()],
                        "LOO RMSE": [c["loo_rmse"] for c in cols.values()], "noise floor": [fl[c]["std"] for c in cols],
                        **{f: [c["candidates"].get(f, np.nan) for c in cols.values()] for f in
-                          ("exp_linear", "scheffe_quadratic", "scheffe_cubic", "gp")}})
+                          dict.fromkeys(f for c in cols.values() for f in c["candidates"])}})
     budget = budget_stability(land, {e["name"]: e["columns"] for _, e in objs.iterrows()})
     hours = sum(records.read_json(p)["cost"]["device_hours"] for p in (where / "units").rglob("record.json")) \
         if (where / "units").exists() else float("nan")
