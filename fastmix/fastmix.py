@@ -35,7 +35,9 @@ as given.
 
 Options beyond the paper, off by default: `grad_params: all` (inner products
 over every parameter instead of the LM head) and `init: prior` (z = log of the
-token-share prior).
+token-share prior). Every trace line also holds w's entropy; `diagnose_every: N`
+adds, every N outer steps, the objective's loss on val rows the outer step never
+sees (a diagnostic, not charged to the search: issue 25's collapse analysis).
 """
 from __future__ import annotations
 
@@ -139,13 +141,14 @@ class FastMixHook:
 
     def __init__(self, names: list[str], objective, z0: torch.Tensor, lr: float, betas, entropy_reg: float,
                  grad_params: str, val_batch_size: int, seed: int, val_batch: str = "fixed",
-                 val_rows_per_group: int = 2):
+                 val_rows_per_group: int = 2, diagnose_every: int = 0, diagnose_rows: int = 8):
         self.names, self.objective = names, objective
         self.z = z0.clone().double()
         self.z.requires_grad_(True)
         self.opt = torch.optim.AdamW([self.z], lr=lr, betas=tuple(betas), weight_decay=0.0)
         self.entropy_reg, self.grad_params, self.val_batch_size = entropy_reg, grad_params, val_batch_size
         self.val_batch, self.val_rows_per_group = val_batch, val_rows_per_group
+        self.diagnose_every, self.diagnose_rows = diagnose_every, diagnose_rows
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.trace: list[dict] = []
 
@@ -188,11 +191,24 @@ class FastMixHook:
         batch_tokens = info.batch.input_ids.shape[0] * (info.batch.input_ids.shape[1] - 1) * ctx.world
         ctx.meter.add_forward(flop_params(model), val_tokens + batch_tokens)
         ctx.meter.add_forward(n_grad, val_tokens + batch_tokens)
-        self.trace.append({"step": info.step, "micro_step": info.micro_step, "objective_loss": val_loss,
-                           "inner_products": dict(zip(self.names, inner.tolist())),
-                           "hypergradient": dict(zip(self.names, g.tolist())),
-                           "z_grad": dict(zip(self.names, dz.tolist())),
-                           "weights": dict(zip(self.names, self.weights.tolist())), "lr": lr})
+        w = self.weights
+        line = {"step": info.step, "micro_step": info.micro_step, "objective_loss": val_loss,
+                "inner_products": dict(zip(self.names, inner.tolist())),
+                "hypergradient": dict(zip(self.names, g.tolist())),
+                "z_grad": dict(zip(self.names, dz.tolist())),
+                "weights": dict(zip(self.names, w.tolist())), "lr": lr,
+                "entropy": float(-(w * w.clamp_min(1e-300).log()).sum())}  # nats; log K = uniform, 0 = one-hot
+        if self.diagnose_every and len(self.trace) % self.diagnose_every == 0:
+            line["heldout_objective_loss"] = self.heldout_loss(model, ctx)
+        self.trace.append(line)
+
+    def heldout_loss(self, model, ctx: HookContext) -> float:
+        """The diagnostic (ours, not the method's): the objective on `diagnose_rows` val
+        rows per group after the fixed batch's, which the outer step never sees, so
+        over-fitting to the fixed batch shows. No meter: it is not part of the search's
+        cost. (With val_batch=random the outer step may have drawn these rows.)"""
+        r = self.val_rows_per_group
+        return self.objective.losses(model, ctx.device, None, ctx.precision, rows=slice(r, r + self.diagnose_rows))[0]
 
     def state_dict(self) -> dict:
         return {"z": self.z.detach().clone(), "opt": self.opt.state_dict(), "rng": self.rng.bit_generator.state,
@@ -235,6 +251,8 @@ class FastMix:
     val_batch_size: int = rule(ge=1)
     scale_rule: str = rule(choices=("movement", "off"))
     reference_outer_steps: int = rule(ge=1)
+    diagnose_every: int = rule(ge=0)  # ours: held-out objective every N outer steps (0 = off)
+    diagnose_rows: int = rule(ge=1)
 
     def rows_per_group(self, proxy_cfg) -> int:
         """Objective rows per group and outer step: `auto` = the public code's
@@ -263,7 +281,8 @@ class FastMix:
         T, lr_z, planned = self.schedule(ctx.proxy)
         rows = self.rows_per_group(ctx.proxy)
         hook = FastMixHook(names, ctx.objective, z0, lr_z, self.betas, self.entropy_reg, self.grad_params,
-                           self.val_batch_size, ctx.seed, self.val_batch, rows)
+                           self.val_batch_size, ctx.seed, self.val_batch, rows, self.diagnose_every,
+                           self.diagnose_rows)
         w0 = dict(zip(names, torch.softmax(z0.double(), 0).tolist()))
         ctx.proxies.train(w0, ctx.out_dir / "proxy", weighted=True, hook=hook, hook_every=T, desc="fastmix")
         weights = dict(zip(names, hook.weights.tolist()))

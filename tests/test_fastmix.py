@@ -284,3 +284,38 @@ def test_killed_and_resumed_search_ends_with_the_same_weights(tmp_path):
     resumed = run(tmp_path / "cut")
     assert len(full.trace) == 11 and resumed.trace == full.trace
     assert torch.equal(full.z.detach(), resumed.z.detach())
+
+
+def test_diagnostics_on_two_sources(smoke_args, tmp_path):
+    """Two sources, objective = math alone, where the hypergradient's sign is known:
+    more math lowers the math loss more than drama does, so g_math < g_drama on average,
+    z's gradient is negative for math and positive for drama, and w moves to math. Every trace line's entropy is its w's; `diagnose_every=5` adds the held-out
+    objective every 5th outer step and changes neither the search (same weights) nor
+    its cost (same FLOPs); the diagnosis figure and summary come out."""
+    from analysis import fastmix_diagnosis as fd
+    args = smoke_args + ["optimizer=fastmix", "data.sources=[math,drama]", "proxy.tokens=24000",
+                         "objective.weights={math: 1}", "train.tokens=3000", "eval=loss"]
+    runs = {}
+    for every in (0, 5):
+        cwd = tmp_path / f"d{every}"
+        cwd.mkdir()
+        r = run_cli(args + [f"optimizer.diagnose_every={every}"], cwd=cwd)
+        assert r.returncode == 0, r.stderr[-3000:]
+        (runs[every],) = list((cwd / "outputs" / "runs").iterdir())
+    res = {k: json.loads((v / "result.json").read_text()) for k, v in runs.items()}
+    assert res[0]["weights"] == res[5]["weights"] and res[0]["search_cost"]["flops"] == res[5]["search_cost"]["flops"]
+    trace = [json.loads(x) for x in (runs[5] / "search_trace.jsonl").read_text().splitlines()]
+    for i, t in enumerate(trace):
+        w = np.array(list(t["weights"].values()))
+        assert t["entropy"] == pytest.approx(float(-(w * np.log(w)).sum()), abs=1e-9)
+        assert ("heldout_objective_loss" in t) == (i % 5 == 0)
+    tr = fd.load_trace(runs[5])
+    s = fd.summary(tr)
+    assert s["mean_hypergradient"]["math"] < s["mean_hypergradient"]["drama"]
+    assert s["mean_z_grad"]["math"] < 0 < s["mean_z_grad"]["drama"]
+    assert s["final_weights"]["math"] > 0.5 and s["final_entropy"] < np.log(2)
+    first, last, best = s["heldout_first_last_best"]
+    assert np.isfinite([first, last, best]).all() and best <= min(first, last)
+    assert tr["heldout_objective_loss"].notna().sum() == len(range(0, len(trace), 5))
+    assert fd.main([str(runs[5])]) == 0 and (runs[5] / "fastmix_diagnosis.png").stat().st_size > 0
+    assert fd.main([str(tmp_path / "nowhere")]) != 0

@@ -118,13 +118,17 @@ class Objective:
         return self.losses(model, device, meter, precision)[0]
 
     @torch.no_grad()
-    def losses(self, model, device, meter=None, precision: str = "bf16") -> tuple[float, dict[str, float]]:
-        """(the loss, each group's mean token loss) from one pass over the rows."""
+    def losses(self, model, device, meter=None, precision: str = "bf16", rows: slice | None = None
+               ) -> tuple[float, dict[str, float]]:
+        """(the loss, each group's mean token loss) from one pass over the rows (`rows`:
+        only that slice of every group's rows; a group with none there counts NaN)."""
         from fastmix.train.models import flop_params
         was_training = model.training
         model.eval()
         total, groups = 0.0, {}
         for g, (ids, mask) in self.rows(model.config.max_position_embeddings).items():
+            if rows is not None:
+                ids, mask = ids[rows], None if mask is None else mask[rows]
             num = den = 0.0
             for i in range(0, len(ids), self.batch_size):
                 b = Batch(ids[i:i + self.batch_size], torch.zeros(0), torch.ones(0),
@@ -135,8 +139,8 @@ class Objective:
                 den += float(m.sum())
                 if meter is not None:
                     meter.add_forward(flop_params(model), tl.numel())
-            total += self.weights[g] * num / max(den, 1.0)
-            groups[g] = num / max(den, 1.0)
+            groups[g] = num / den if den > 0 else float("nan")
+            total += self.weights[g] * groups[g] if self.weights[g] else 0.0
         model.train(was_training)
         return total, groups
 
