@@ -121,7 +121,8 @@ def regret_rows(df: pd.DataFrame, L: Landscape, objs: pd.DataFrame) -> pd.DataFr
                     "regret_fit_std": float(np.std(boot[:, 0], ddof=1)) if len(boot) > 1 else np.nan,
                     "boot": boot[:, 0] if len(boot) else None, "search_hours": r["search_hours"],
                     "fitted_loss": float(L.loss(e["columns"], W)[0]), "trained_loss": trained,
-                    **{s: W[0, i] for i, s in enumerate(L.sources)}})
+                    **{s: W[0, i] for i, s in enumerate(L.sources)},
+                    **({"variant": r["variant"]} if "variant" in r else {})})
     if not out:
         raise TableError(f"no job searched for an objective of this landscape ({', '.join(objs['name'])}): "
                          f"run experiment=oracle with its landscape, or add theirs with --objective")
@@ -294,12 +295,57 @@ def describe_landscape(where: Path) -> str:
     return "\n".join(out)
 
 
+def variant_value(result: dict, key: str):
+    """The value at dotted `key` of a result.json (search_info.movement_budget,
+    config.optimizer.outer_every), None where it has none."""
+    v = result
+    for part in key.split("."):
+        if not isinstance(v, dict) or part not in v:
+            return None
+        v = v[part]
+    return v
+
+
+def label_variants(df: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Each job's method named with its value of `key` ("fastmix movement_budget=2"), so the
+    rows of one method's settings are compared as methods; `variant` holds the value."""
+    vals = [variant_value(records.read_json(Path(d) / "result.json"), key) for d in df["dir"]]
+    if all(v is None for v in vals):
+        raise TableError(f"--variant {key}: no job's result.json has it; give a dotted key of result.json, "
+                         f"e.g. search_info.movement_budget or config.optimizer.outer_every")
+    leaf = key.rsplit(".", 1)[-1]
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    df = df.copy()
+    df["variant"] = vals
+    df["method"] = [m if v is None else f"{m} {leaf}={fmt(v)}" for m, v in zip(df["method"], vals)]
+    return df
+
+
+def variant_figure(rows: pd.DataFrame, ax=None):
+    """Mean regret per objective against the variant's value (issue 25's sensitivity
+    curves): tuning objectives solid, held-out dashed."""
+    ax = ax or plt.subplots(figsize=(7, 5))[1]
+    num = rows[pd.to_numeric(rows["variant"], errors="coerce").notna()].copy()
+    num["variant"] = num["variant"].astype(float)
+    for (obj, role), g in num.groupby(["objective", "role"], sort=False):
+        m = g.groupby("variant")["regret"].mean()
+        ax.plot(m.index, m.to_numpy(), "o-" if role == "tuning" else "s--", label=f"{obj} ({role})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(rows.attrs.get("variant", "variant"))
+    ax.set_ylabel("regret (fitted loss - fitted optimum), mean over seeds")
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    return ax
+
+
 def write_oracle(root: Path, out: Path | None = None, landscape: Path | None = None,
-                 added: list[str] = (), texts: list[str] = ()) -> str:
+                 added: list[str] = (), texts: list[str] = (), variant: str | None = None) -> str:
     """Write OUT/oracle/ (module docstring); returns regret.md's text. Everything is computed
-    before anything is written."""
+    before anything is written. `variant`: a result.json key whose value names each job's
+    row (a sensitivity sweep of one method), with variant.png."""
     root = Path(root)
     df = load_results(root)
+    if variant:
+        df = label_variants(df, variant)
     where = find_landscape(df, root, landscape)
     fit = records.read_json(where / "fit.json")
     land = pd.read_csv(where / "landscape.csv")
@@ -310,6 +356,8 @@ def write_oracle(root: Path, out: Path | None = None, landscape: Path | None = N
     L = Landscape(fit)
     objs = objectives(fit, land, list(added), list(texts))
     rows = regret_rows(df, L, objs)
+    if variant:
+        rows.attrs["variant"] = variant
     per = per_objective(rows, dict(zip(objs["name"], objs["floor"])))
     board = leaderboard(per)
     budget = budget_stability(land, {e["name"]: e["columns"] for _, e in objs.iterrows()})
@@ -331,6 +379,8 @@ def write_oracle(root: Path, out: Path | None = None, landscape: Path | None = N
     regret_vs_cost(board, hours, ax)
     save_figure(fig, out / "regret_vs_cost.png")
     save_figure(landscape_figure(L, objs, rows), out / "landscape.png")
+    if variant:
+        save_figure(variant_figure(rows).figure, out / "variant.png")
     return text
 
 
@@ -344,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="add an objective that weights the sources (repeatable)")
     ap.add_argument("--objective-text", action="append", default=[], metavar="NAME=FILE",
                     help="add an objective on a text the landscape scored (repeatable)")
+    ap.add_argument("--variant", default=None, metavar="KEY",
+                    help="a dotted result.json key (search_info.movement_budget): rows per value, variant.png")
     ap.add_argument("--readme", type=Path, default=None,
                     help="with --landscape alone: also write the description into this README's "
                          "landscape:<folder name> section")
@@ -358,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f"{a.landscape.name}: measured {time.strftime('%Y-%m-%d')}. " + text)
             print(text)
         else:
-            print(write_oracle(a.sweep, a.out, a.landscape, a.objective, a.objective_text))
+            print(write_oracle(a.sweep, a.out, a.landscape, a.objective, a.objective_text, a.variant))
     return run_tool(ap, go, argv)
 
 
@@ -400,15 +452,15 @@ def readme_section(sweep: Path, text: str, readme: Path, command: str) -> str:
 class OracleReport(Callback):
     """Hydra callback (experiment=oracle): the leaderboard and plots of the sweep once every
     job returned, and, given `readme`, its section for this landscape (`oracle:<landscape>`
-    markers) rewritten."""
+    markers) rewritten. `variant`: as --variant (experiment=fastmix_sensitivity)."""
 
-    def __init__(self, readme: str | None = None, command: str = "make oracle"):
-        self.readme, self.command = readme, command
+    def __init__(self, readme: str | None = None, command: str = "make oracle", variant: str | None = None):
+        self.readme, self.command, self.variant = readme, command, variant
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir).absolute()
         try:
-            text = write_oracle(sweep)
+            text = write_oracle(sweep, variant=self.variant)
             if self.readme:
                 land = config.hydra.runtime.choices.get("landscape") or "landscape"
                 replace_section(Path(self.readme).absolute(), f"oracle:{land}",

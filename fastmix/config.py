@@ -17,6 +17,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("repo", lambda p="": str(REPO / p))
     if not OmegaConf.has_resolver("join"):
         OmegaConf.register_new_resolver("join", lambda items: ",".join(map(str, items)))
+    if not OmegaConf.has_resolver("basename"):  # ${basename:${oracle.landscape}} -> "k3": a sweep folder's name
+        OmegaConf.register_new_resolver("basename", lambda p: Path(str(p)).name)
 
 
 def abspath(p) -> Path:

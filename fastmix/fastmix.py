@@ -222,13 +222,17 @@ class FastMixHook:
         self.trace = list(state["trace"])
 
 
-def movement_schedule(micro_batches: int, outer_every: int, lr: float, reference_outer_steps: int
-                      ) -> tuple[int, float, int]:
+def movement_schedule(micro_batches: int, outer_every: int, lr: float, reference_outer_steps: int,
+                      movement: float | None = None) -> tuple[int, float, int]:
     """The movement-budget scale rule (docs/DECISIONS.md): (T, lr_z, outer steps) for
     a run of `micro_batches` micro-batches. The hook runs before micro-batches T,
-    2T, ... (never before the first), so a run takes (M - 1) // T outer steps."""
+    2T, ... (never before the first), so a run takes (M - 1) // T outer steps.
+    `movement`: lr_z x outer steps when given (the budget swept in issue 25), else the
+    reference run's lr x reference_outer_steps (~16) for a run shorter than it."""
     T = min(outer_every, max(1, micro_batches // reference_outer_steps))
     steps = max(1, (micro_batches - 1) // T)
+    if movement is not None:
+        return T, movement / steps, steps
     return T, (lr * reference_outer_steps / steps if steps < reference_outer_steps else lr), steps
 
 
@@ -251,6 +255,8 @@ class FastMix:
     val_batch_size: int = rule(ge=1)
     scale_rule: str = rule(choices=("movement", "off"))
     reference_outer_steps: int = rule(ge=1)
+    movement: Any = rule(check=(lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                       and v > 0), "null (the rule's budget) or a number > 0"))
     diagnose_every: int = rule(ge=0)  # ours: held-out objective every N outer steps (0 = off)
     diagnose_rows: int = rule(ge=1)
 
@@ -266,7 +272,7 @@ class FastMix:
         micro = planned_steps(proxy_cfg, distributed.world_size()) * proxy_cfg.grad_accum
         if self.scale_rule == "off":
             return self.outer_every, self.lr, max(1, (micro - 1) // self.outer_every)
-        return movement_schedule(micro, self.outer_every, self.lr, self.reference_outer_steps)
+        return movement_schedule(micro, self.outer_every, self.lr, self.reference_outer_steps, self.movement)
 
     def planned_proxy_runs(self, n_sources: int) -> int:
         return 1  # one proxy, whatever K

@@ -12,6 +12,7 @@ OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF_DIR / g).glob("*.ya
 REQUIRED = {("data", "folder"): ["data.root=/x"], ("data", "files"): ["data.files={a: /x}"],
             ("objective", "text"): ["objective.path=/x"], ("objective", "suite"): ["landscape=k3", "objective.pick=code"],
             ("experiment", "oracle"): ["landscape=k3", "objective.pick=code"],
+            ("experiment", "fastmix_sensitivity"): ["landscape=k3", "objective.pick=code"],
             ("experiment", "oracle_smoke"): ["objective.pick=code"]}
 
 

@@ -135,7 +135,8 @@ def test_softmax_chain_and_entropy_against_autograd():
     ("optimizer.lr=abc", "optimizer.lr='abc'"), ("optimizer.betas=[1.5,0.9]", "optimizer.betas=.*two numbers"),
     ("optimizer.outer_every=0", "optimizer.outer_every=0"), ("optimizer.val_rows_per_group=0", "auto .*or an integer"),
     ("optimizer.val_batch=all", "optimizer.val_batch='all'"), ("optimizer.scale_rule=none", "scale_rule"),
-    ("optimizer.entropy_reg=-0.1", "entropy_reg")])
+    ("optimizer.entropy_reg=-0.1", "entropy_reg"), ("optimizer.movement=0", "movement.*number > 0"),
+    ("optimizer.movement=abc", "movement"), ("optimizer.diagnose_every=-1", "diagnose_every")])
 def test_bad_options_are_refused(override, message):
     """Each bad value stops with one line naming the key, the value and what is allowed."""
     from conftest import compose
@@ -236,6 +237,15 @@ def test_movement_schedule(micro, T, steps, lr):
     t, lr_z, n = movement_schedule(micro, 20, 0.01, 1601)
     assert (t, n) == (T, steps) and lr_z == pytest.approx(lr)
     assert lr_z * n >= 0.01 * 1601 - 1e-9  # the reference's movement budget, at least
+
+
+def test_movement_sets_the_budget_not_the_period():
+    """`movement` sets lr_z x outer steps and leaves T to the rule (one factor at a time)."""
+    for m in (0.5, 2.0, 16.0):
+        T, lr, steps = movement_schedule(196, 20, 0.01, 1601, movement=m)
+        assert (T, steps) == (1, 195) and lr * steps == pytest.approx(m)
+    T, lr, steps = movement_schedule(32032, 20, 0.01, 1601, movement=4.0)
+    assert (T, steps) == (20, 1601) and lr == pytest.approx(4.0 / 1601)
 
 
 def test_paper_preset_is_the_reference_shape():

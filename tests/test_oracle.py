@@ -177,7 +177,7 @@ def test_noise_statistics_on_synthetic_seeds():
     assert per.loc[0, "within_noise"] and per.loc[0, "seeds"] == 3
 
 
-def synthetic_sweep(root: Path, weights_by_seed: list[dict], objective_id: str) -> None:
+def synthetic_sweep(root: Path, weights_by_seed: list[dict], objective_id: str, info: list[dict] = ()) -> None:
     for seed, w in enumerate(weights_by_seed):
         d = root / f"m_{seed}"
         d.mkdir(parents=True)
@@ -186,12 +186,12 @@ def synthetic_sweep(root: Path, weights_by_seed: list[dict], objective_id: str) 
         (d / "result.json").write_text(json.dumps({
             "optimizer": "method", "seed": seed, "search_cost": cost, "eval": {}, "eval_average": None,
             "val_loss": {}, "val_loss_average": None, "objective_loss": None, "weights": w, "scored_by": "fitted landscape",
-            "eval_split": "test", "objective": {"name": "val", "id": objective_id}, "corpus": "c0"}))
+            "eval_split": "test", "objective": {"name": "val", "id": objective_id}, "corpus": "c0",
+            "search_info": info[seed] if info else {}}))
 
 
-def test_objective_added_at_analysis_time(tmp_path):
-    """A known fitted landscape (two exp_linear columns, no bootstrap spread): a job that
-    searched for 0.7 a + 0.3 b is scored for `--objective x=a:0.7,b:0.3` by hand."""
+def known_landscape(tmp_path: Path) -> tuple[Path, dict]:
+    """Two exp_linear columns, no bootstrap spread: regrets computable by hand."""
     land_dir = tmp_path / "land"
     land_dir.mkdir()
     cols = {"loss:a": {"form": "exp_linear", "params": {"c": 1.0, "t": [0.0, 1.0]}, "loo_rmse": 0.01},
@@ -204,6 +204,13 @@ def test_objective_added_at_analysis_time(tmp_path):
     pd.DataFrame({"stage": ["design"], "mixture": ["m"], "seed": [0], "tokens": [1], "a": [1.0], "b": [0.0],
                   "loss:a": [2.0], "loss:b": [3.7]}).to_csv(land_dir / "landscape.csv", index=False)
     (land_dir / "objectives.csv").write_text("objective\n")
+    return land_dir, fit
+
+
+def test_objective_added_at_analysis_time(tmp_path):
+    """A job that searched for 0.7 a + 0.3 b is scored for `--objective x=a:0.7,b:0.3`
+    on a known fitted landscape, by hand."""
+    land_dir, fit = known_landscape(tmp_path)
     sweep_dir = tmp_path / "sweep"
     synthetic_sweep(sweep_dir, [{"a": 0.5, "b": 0.5}, {"a": 1.0, "b": 0.0}], "w:a=0.7,b=0.3")
     from analysis.oracle import main
@@ -216,6 +223,25 @@ def test_objective_added_at_analysis_time(tmp_path):
     assert r.loc[0, "regret"] == pytest.approx(f(0.5) - best, abs=1e-9)
     assert r.loc[1, "regret"] == pytest.approx(f(1.0) - best, abs=1e-9)
     assert r.loc[0, "normalized_regret"] == pytest.approx(1.0)  # seed 0 is uniform
+
+
+def test_variant_rows_and_curve(tmp_path):
+    """--variant search_info.movement_budget: each job's row is named by its value, the
+    regrets are the by-hand ones, variant.png is drawn; a key no job has is refused."""
+    land_dir, _ = known_landscape(tmp_path)
+    sweep_dir = tmp_path / "sweep"
+    synthetic_sweep(sweep_dir, [{"a": 0.5, "b": 0.5}, {"a": 1.0, "b": 0.0}, {"a": 0.2, "b": 0.8}], "w:a=0.7,b=0.3",
+                    info=[{"movement_budget": 0.5}, {"movement_budget": 16.0}, {"movement_budget": 2.0}])
+    from analysis.oracle import main
+    args = [str(sweep_dir), "--landscape", str(land_dir), "--objective", "x=a:0.7,b:0.3"]
+    assert main(args + ["--variant", "search_info.movement_budget"]) == 0
+    r = pd.read_csv(sweep_dir / "oracle" / "regret.csv").set_index("seed")
+    assert list(r["method"]) == ["method movement_budget=0.5", "method movement_budget=16",
+                                 "method movement_budget=2"]
+    f = lambda a: 1.0 + 0.7 * math.exp(1 - a) + 0.3 * math.exp(a)  # noqa: E731
+    assert r.loc[1, "regret"] - r.loc[0, "regret"] == pytest.approx(f(1.0) - f(0.5), abs=1e-9)
+    assert (sweep_dir / "oracle" / "variant.png").stat().st_size > 0
+    assert main(args + ["--variant", "search_info.nothing"]) != 0
 
 
 def test_bad_objective_specs():
@@ -234,3 +260,16 @@ def test_no_landscape_gives_one_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no landscape for" in err and "experiment=oracle_landscape" in err and "Traceback" not in err
     assert not (tmp_path / "oracle").exists()
+
+
+@pytest.mark.parametrize("landscape", ["k3", "k5"])
+def test_each_landscape_sweeps_into_its_own_folder(landscape):
+    """experiment=oracle names its sweep folder by the landscape (make oracle runs both)."""
+    from hydra import compose, initialize_config_dir
+
+    from fastmix.config import CONF_DIR, register_resolvers
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        c = compose(config_name="config", overrides=["experiment=oracle", f"landscape={landscape}"],
+                    return_hydra_config=True)
+    assert c.hydra.sweep.dir == f"outputs/sweep/oracle_{landscape}"
