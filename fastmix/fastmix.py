@@ -35,7 +35,8 @@ as given.
 
 Options beyond the paper, off by default: `grad_params: all` (inner products
 over every parameter instead of the LM head) and `init: prior` (z = log of the
-token-share prior). Every trace line also holds w's entropy; `diagnose_every: N`
+token-share prior) and `average_tail: f` (w averaged over the last f of the outer
+steps instead of the last w). Every trace line also holds w's entropy; `diagnose_every: N`
 adds, every N outer steps, the objective's loss on val rows the outer step never
 sees (a diagnostic, not charged to the search: issue 25's collapse analysis).
 """
@@ -257,6 +258,7 @@ class FastMix:
     reference_outer_steps: int = rule(ge=1)
     movement: Any = rule(check=(lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
                                                        and v > 0), "null (the rule's budget) or a number > 0"))
+    average_tail: float = rule(ge=0, le=1)  # beyond the paper: w averaged over this last share of outer steps
     diagnose_every: int = rule(ge=0)  # ours: held-out objective every N outer steps (0 = off)
     diagnose_rows: int = rule(ge=1)
 
@@ -277,6 +279,15 @@ class FastMix:
     def planned_proxy_runs(self, n_sources: int) -> int:
         return 1  # one proxy, whatever K
 
+    def output_weights(self, trace: list[dict]) -> dict[str, float]:
+        """Beyond the paper (`average_tail` > 0): the mean of w over the last
+        average_tail share of the outer steps (at least one), as an iterate average
+        damps the last steps' noise; the paper returns the last w."""
+        tail = trace[-max(1, round(self.average_tail * len(trace))):]
+        names = list(tail[0]["weights"])
+        mean = np.mean([[t["weights"][n] for n in names] for t in tail], axis=0)
+        return dict(zip(names, (mean / mean.sum()).tolist()))
+
     def search(self, ctx: SearchContext) -> SearchResult:
         names = ctx.sources
         if self.init == "prior":
@@ -291,7 +302,7 @@ class FastMix:
                            self.diagnose_rows)
         w0 = dict(zip(names, torch.softmax(z0.double(), 0).tolist()))
         ctx.proxies.train(w0, ctx.out_dir / "proxy", weighted=True, hook=hook, hook_every=T, desc="fastmix")
-        weights = dict(zip(names, hook.weights.tolist()))
+        weights = self.output_weights(hook.trace) if self.average_tail > 0 else dict(zip(names, hook.weights.tolist()))
         return SearchResult(weights, trace=hook.trace, info={
             "outer_steps": len(hook.trace), "outer_every": T, "z_lr": lr_z, "planned_outer_steps": planned,
             "movement_budget": lr_z * planned, "scale_rule": self.scale_rule, "val_rows_per_group": rows})

@@ -136,7 +136,8 @@ def test_softmax_chain_and_entropy_against_autograd():
     ("optimizer.outer_every=0", "optimizer.outer_every=0"), ("optimizer.val_rows_per_group=0", "auto .*or an integer"),
     ("optimizer.val_batch=all", "optimizer.val_batch='all'"), ("optimizer.scale_rule=none", "scale_rule"),
     ("optimizer.entropy_reg=-0.1", "entropy_reg"), ("optimizer.movement=0", "movement.*number > 0"),
-    ("optimizer.movement=abc", "movement"), ("optimizer.diagnose_every=-1", "diagnose_every")])
+    ("optimizer.movement=abc", "movement"), ("optimizer.diagnose_every=-1", "diagnose_every"),
+    ("optimizer.average_tail=1.5", "average_tail")])
 def test_bad_options_are_refused(override, message):
     """Each bad value stops with one line naming the key, the value and what is allowed."""
     from conftest import compose
@@ -237,6 +238,23 @@ def test_movement_schedule(micro, T, steps, lr):
     t, lr_z, n = movement_schedule(micro, 20, 0.01, 1601)
     assert (t, n) == (T, steps) and lr_z == pytest.approx(lr)
     assert lr_z * n >= 0.01 * 1601 - 1e-9  # the reference's movement budget, at least
+
+
+def test_average_tail_is_the_mean_of_the_last_weights():
+    trace = [{"weights": {"a": a, "b": 1 - a}} for a in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
+    fm = FastMix(**{**_fastmix_defaults(), "average_tail": 0.5})
+    assert fm.output_weights(trace)["a"] == pytest.approx(0.9)
+    fm = FastMix(**{**_fastmix_defaults(), "average_tail": 0.01})  # at least the last step
+    assert fm.output_weights(trace)["a"] == pytest.approx(1.0)
+    assert fm.output_weights(trace)["a"] + fm.output_weights(trace)["b"] == pytest.approx(1.0)
+
+
+def _fastmix_defaults() -> dict:
+    from omegaconf import OmegaConf
+
+    from fastmix.config import CONF_DIR
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "optimizer" / "fastmix.yaml"))
+    return {k: v for k, v in cfg.items() if not k.startswith("_") and k != "name"}
 
 
 def test_movement_sets_the_budget_not_the_period():
