@@ -30,7 +30,8 @@ def print_sections(sections: dict[str, str]) -> None:
 
 
 # every `python -m` entry point of the suite (besides `python run.py`)
-TOOLS = ("analysis.tables", "analysis.plots", "analysis.report", "analysis.oracle", "baselines.regmix_replay",
+TOOLS = ("analysis.tables", "analysis.plots", "analysis.report", "analysis.oracle", "analysis.fastmix_diagnosis",
+         "baselines.regmix_replay",
          "fastmix.run.export", "fastmix.data.embedded", "fastmix.data.embedded.build",
          "fastmix.data.embedded.sft", "fastmix.data.embedded.texts")
 # where a module's old command line went
