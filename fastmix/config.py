@@ -17,6 +17,9 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("repo", lambda p="": str(REPO / p))
     if not OmegaConf.has_resolver("join"):
         OmegaConf.register_new_resolver("join", lambda items: ",".join(map(str, items)))
+    if not OmegaConf.has_resolver("suite_names"):  # ${suite_names:${oracle.suite},tuning|held_out}: a role's objectives
+        OmegaConf.register_new_resolver("suite_names", lambda suite, roles: ",".join(
+            n for n, e in suite.items() if e.get("role") in str(roles).split("|")))
     if not OmegaConf.has_resolver("basename"):  # ${basename:${oracle.landscape}} -> "k3": a sweep folder's name
         OmegaConf.register_new_resolver("basename", lambda p: Path(str(p)).name)
 
