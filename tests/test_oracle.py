@@ -273,3 +273,20 @@ def test_each_landscape_sweeps_into_its_own_folder(landscape):
         c = compose(config_name="config", overrides=["experiment=oracle", f"landscape={landscape}"],
                     return_hydra_config=True)
     assert c.hydra.sweep.dir == f"outputs/sweep/oracle_{landscape}"
+
+
+@pytest.mark.parametrize("roles", ["tuning", "held_out", "tuning|held_out"])
+def test_sensitivity_sweeps_the_named_roles(roles):
+    """experiment=fastmix_sensitivity sweeps the suite's objectives of `sensitivity_roles`."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from fastmix.config import CONF_DIR, register_resolvers
+    register_resolvers()
+    suite = OmegaConf.load(CONF_DIR / "landscape" / "k3.yaml").oracle.suite
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        c = compose(config_name="config", return_hydra_config=True,
+                    overrides=["experiment=fastmix_sensitivity", "landscape=k3", f"sensitivity_roles={roles}"])
+    picked = c.hydra.sweeper.params["objective.pick"].split(",")
+    assert picked == [n for n, e in suite.items() if e.role in roles.split("|")] and picked
+    assert c.hydra.sweep.dir == "outputs/sweep/fastmix_sensitivity_k3"
