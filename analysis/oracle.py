@@ -265,8 +265,13 @@ def describe_landscape(where: Path) -> str:
         loss = sum(land[c] * a for c, a in o["columns"].items())
         design = land[land["stage"] == "design"].assign(loss=loss)
         top = design.loc[design["loss"].idxmin()]
-        label = "mix_" + "-".join(f"{round(v * 1000):d}" for v in np.round(opt, 3) / np.round(opt, 3).sum())
-        check = land[(land["stage"] == "check") & (land["mixture"] == label)].assign(loss=loss)
+        # the checks were trained at the builder's optimum (fit.json's suite entry); the rounded
+        # parameters of fit.json can move the recomputed one by a grid step
+        built = {e["id"]: e.get("optimum") for e in fit.get("suite", [])}.get(o["id"])
+        at = np.array([built[s] for s in names]) if built else opt
+        label = "mix_" + "-".join(f"{round(v * 1000):d}" for v in np.round(at, 3) / np.round(at, 3).sum())
+        mask = (land["stage"] == "check") & (land["mixture"] == label)
+        check = land[mask].assign(loss=loss[mask])  # (pandas 3: assigning a longer Series to an empty frame grows it)
         rows.append({"objective": o["name"], "role": o["role"], "definition": o["definition"],
                      "fitted optimum": ", ".join(f"{s}={v:.2f}" for s, v in zip(names, opt) if v >= 0.005),
                      "fitted": best, "trained there (seeds)": (f"{check['loss'].mean():.3f} ({len(check)})"
