@@ -40,8 +40,10 @@ def test_space_filling_design_for_five_sources():
 
 
 def sweep(tiny_corpus, cache_dir, out: Path, extra: list[str]):
+    # the sweep folder relative to the command's directory, as `make oracle` gives it: every
+    # shared folder (proxies, the grid) must still land in it, not in each job's folder
     return run_cli(["-m", "experiment=oracle_smoke", "data=folder", f"data.root={tiny_corpus}",
-                    f"data.cache_dir={cache_dir}", "oracle.resolution=2", f"hydra.sweep.dir={out}", *extra],
+                    f"data.cache_dir={cache_dir}", "oracle.resolution=2", f"hydra.sweep.dir={out.name}", *extra],
                    cwd=out.parent)
 
 

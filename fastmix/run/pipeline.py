@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fastmix import records, schema
+from fastmix.config import abspath
 from fastmix.data.corpus import Corpus, prepare_corpus, test_split_sealed
 from fastmix.errors import UserError
 from fastmix.eval.harness import evaluate_suite, lm_eval_commands, load_tasks, suite_from_config
@@ -103,7 +104,9 @@ def proxy_folder(cfg: DictConfig, out_dir: Path) -> tuple[Path, dict | None]:
     scoring = {"_target_": "fastmix.search.objective.LandscapeObjective", "texts": texts,
                "max_tokens_per_source": cfg.objective.max_tokens_per_source,
                "test_tokens_per_source": cfg.eval.test_tokens_per_source, "batch_size": cfg.objective.batch_size}
-    root = Path(HydraConfig.get().sweep.dir).absolute() / "proxies" / f"{cfg.optimizer.name}_seed{cfg.seed}"
+    # against the command's directory, not the job folder Hydra switched to (a relative
+    # sweep dir would otherwise put each job's "shared" proxies inside that job)
+    root = abspath(HydraConfig.get().sweep.dir) / "proxies" / f"{cfg.optimizer.name}_seed{cfg.seed}"
     return root, scoring
 
 
