@@ -326,7 +326,7 @@ def label_variants(df: pd.DataFrame, key: str) -> pd.DataFrame:
     return df
 
 
-def variant_figure(rows: pd.DataFrame, ax=None):
+def variant_figure(rows: pd.DataFrame, variant: str, ax=None):
     """Mean regret per objective against the variant's value (issue 25's sensitivity
     curves): tuning objectives solid, held-out dashed."""
     ax = ax or plt.subplots(figsize=(7, 5))[1]
@@ -336,7 +336,7 @@ def variant_figure(rows: pd.DataFrame, ax=None):
         m = g.groupby("variant")["regret"].mean()
         ax.plot(m.index, m.to_numpy(), "o-" if role == "tuning" else "s--", label=f"{obj} ({role})")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel(rows.attrs.get("variant", "variant"))
+    ax.set_xlabel(variant)
     ax.set_ylabel("regret (fitted loss - fitted optimum), mean over seeds")
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     return ax
@@ -361,8 +361,6 @@ def write_oracle(root: Path, out: Path | None = None, landscape: Path | None = N
     L = Landscape(fit)
     objs = objectives(fit, land, list(added), list(texts))
     rows = regret_rows(df, L, objs)
-    if variant:
-        rows.attrs["variant"] = variant
     per = per_objective(rows, dict(zip(objs["name"], objs["floor"])))
     board = leaderboard(per)
     budget = budget_stability(land, {e["name"]: e["columns"] for _, e in objs.iterrows()})
@@ -385,7 +383,7 @@ def write_oracle(root: Path, out: Path | None = None, landscape: Path | None = N
     save_figure(fig, out / "regret_vs_cost.png")
     save_figure(landscape_figure(L, objs, rows), out / "landscape.png")
     if variant:
-        save_figure(variant_figure(rows).figure, out / "variant.png")
+        save_figure(variant_figure(rows, variant).figure, out / "variant.png")
     return text
 
 
